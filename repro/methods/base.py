@@ -1,0 +1,137 @@
+"""The distiller contract.
+
+A paper row ("KD", "WTTM+CRD", ...) is data: a weighted sum of registered *loss terms* written in the spec,
+e.g. ``{ce: 1.0, wttm: {weight: 4, gamma: 0.2}, crd: {weight: 0.8}}``. Each term is one small class in
+``repro/methods/<name>.py`` registered in ``LOSS_TERMS``; adding a KD method is one file plus spec rows.
+
+``Distiller.forward_train(batch)`` returns ``(student_logits, {term name: weighted loss})`` in the spirit of
+mdistiller: the training loop sums the dict and logs each entry.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from repro.errors import ReproError
+from repro.registry import Registry
+
+
+@dataclass
+class Batch:
+    """One training batch, already augmented, normalised and on the device."""
+
+    images: Tensor
+    targets: Tensor  # int64 labels [B], or soft targets [B, K] under mixup/cutmix
+    labels: Tensor  # always the hard int64 labels [B]
+    indices: Tensor  # dataset indices [B] (CRD's memory bank, the teacher-output cache)
+    epoch: int  # 1-based
+    views: Optional[Tensor] = None  # [B, 3] (dy, dx, flip) of the discrete CIFAR augmentation, else None
+
+
+@dataclass
+class Outputs:
+    """What the terms see: the student's output and, when any active term needs it, the teacher's."""
+
+    logits: Tensor
+    feats: Optional[list[Tensor]] = None
+    teacher_logits: Optional[Tensor] = None
+    teacher_feats: Optional[list[Tensor]] = None
+
+
+@dataclass
+class TermContext:
+    """Everything a term may need at construction time; filled by the training loop."""
+
+    student: nn.Module
+    teacher: Optional[nn.Module]
+    num_classes: int
+    train_labels: Tensor  # labels of the whole training set, in dataset-index order
+    device: torch.device
+    epochs: int
+    image_size: int = 32
+    assistants: dict[str, nn.Module] = field(default_factory=dict)  # extra frozen models (SSTA's TA)
+    student_feat_dims: list[int] = field(default_factory=list)  # channel/width of each feature (probe forward)
+    teacher_feat_dims: list[int] = field(default_factory=list)
+
+
+class LossTerm(nn.Module):
+    """One registered loss term. Subclasses set the class attributes and implement ``forward``.
+
+    ``forward`` returns the *unweighted* batch loss (a scalar); the distiller applies the spec's weight.
+    Trainable parameters of a term (e.g. CRD's embedding heads) are optimised with the student.
+    """
+
+    needs_teacher: ClassVar[bool] = True
+    features: ClassVar[Optional[str]] = None  # None, "feat" (post-activation) or "preact"
+
+    def __init__(self, ctx: TermContext, **params: Any) -> None:
+        super().__init__()
+        if params:
+            raise ReproError(f"loss term {type(self).__name__} got unknown parameters: {sorted(params)}")
+
+    def active(self, epoch: int) -> bool:
+        """Whether the term contributes at this (1-based) epoch; SSTA's early stop overrides it."""
+        return True
+
+    def forward(self, out: Outputs, batch: Batch) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+LOSS_TERMS: Registry[type[LossTerm]] = Registry("loss term")
+
+TeacherFn = Callable[[Batch, bool, bool], tuple[Tensor, Optional[list[Tensor]]]]
+
+
+def forward_model(model: nn.Module, images: Tensor, feats: bool, preact: bool) -> tuple[Tensor, Optional[list[Tensor]]]:
+    """Call a model under the feature contract of ``repro.models``."""
+    if not feats:
+        return model(images), None
+    features, logits = model(images, is_feat=True, preact=preact)
+    return logits, list(features)
+
+
+class Distiller(nn.Module):
+    """Student + frozen teacher + weighted loss terms."""
+
+    def __init__(self, student: nn.Module, teacher: Optional[nn.Module], terms: dict[str, tuple[float, LossTerm]],
+                 teacher_fn: Optional[TeacherFn] = None) -> None:
+        super().__init__()
+        self.student = student
+        # The teacher is kept out of the module tree: it is never optimised, never weight-decayed, never saved.
+        object.__setattr__(self, "teacher", teacher)
+        self.terms = nn.ModuleDict({name: term for name, (_, term) in terms.items()})
+        self.weights = {name: float(weight) for name, (weight, _) in terms.items()}
+        kinds = {t.features for t in self.terms.values() if t.features}
+        if len(kinds) > 1:
+            raise ReproError(f"loss terms ask for incompatible feature kinds: {sorted(kinds)}")
+        self.feature_kind = kinds.pop() if kinds else None
+        if any(t.needs_teacher for t in self.terms.values()) and teacher is None and teacher_fn is None:
+            raise ReproError("a loss term needs a teacher but the run has none")
+        self.teacher_fn = teacher_fn or self._live_teacher
+
+    def _live_teacher(self, batch: Batch, feats: bool, preact: bool) -> tuple[Tensor, Optional[list[Tensor]]]:
+        assert self.teacher is not None
+        self.teacher.eval()
+        with torch.no_grad():
+            return forward_model(self.teacher, batch.images, feats, preact)
+
+    def train(self, mode: bool = True) -> "Distiller":
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # running BN statistics, as the official loops do every epoch
+        return self
+
+    def forward_train(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        active = {name: term for name, term in self.terms.items() if term.active(batch.epoch)}
+        want_feats = self.feature_kind is not None and any(t.features for t in active.values())
+        preact = self.feature_kind == "preact"
+        logits, feats = forward_model(self.student, batch.images, want_feats, preact)
+        out = Outputs(logits=logits, feats=feats)
+        if any(t.needs_teacher for t in active.values()):
+            out.teacher_logits, out.teacher_feats = self.teacher_fn(batch, want_feats, preact)
+        losses = {name: self.weights[name] * term(out, batch) for name, term in active.items()}
+        return logits, losses

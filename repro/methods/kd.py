@@ -1,0 +1,17 @@
+"""Hinton KD (the CRD-style baseline is ce 0.1 + kd 0.9 at T=4)."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from repro.losses import kd_loss
+from repro.methods.base import LOSS_TERMS, Batch, LossTerm, Outputs, TermContext
+
+
+@LOSS_TERMS.register("kd")
+class KD(LossTerm):
+    def __init__(self, ctx: TermContext, temperature: float = 4.0) -> None:
+        super().__init__(ctx)
+        self.temperature = float(temperature)
+
+    def forward(self, out: Outputs, batch: Batch) -> Tensor:
+        return kd_loss(out.logits, out.teacher_logits, self.temperature)
