@@ -1,0 +1,263 @@
+"""``repro``: a thin command line over plan / run / report (and the tools around them).
+
+Bad input ends in one line ``error: ...`` on stderr and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+from repro.errors import ReproError
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    def add(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = fn
+        return fn
+
+    return add
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------
+def _device(args: argparse.Namespace):
+    import torch
+
+    from repro.provenance import default_device
+
+    if args.device == "auto":
+        return default_device()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ReproError(f"--device {args.device}: CUDA is not available on this machine")
+    return torch.device(args.device)
+
+
+def _store(args: argparse.Namespace):
+    from repro.store import RunStore
+
+    return RunStore(Path(args.runs) if args.runs else None)
+
+
+def _plan(spec_ref: str, args: argparse.Namespace):
+    from repro.plan import make_plan
+    from repro.spec import load_spec
+
+    spec = load_spec(spec_ref)
+    return make_plan(spec, args.tier, args.seeds, teacher_gate=not args.no_teacher_gate)
+
+
+def _print_plan(plan, store, device, estimate: bool = True) -> float:
+    from repro.cost import CostModel, format_duration
+
+    cost = CostModel(store, device) if estimate else None
+    total = 0.0
+    print(f"plan {plan.spec.id} [tier {plan.tier}]: {len(plan.runs)} runs")
+    for run in plan.ordered():
+        result = store.result(run.run_id)
+        status = result["status"] if result else "pending"
+        est = ""
+        if status == "pending" and cost is not None:
+            seconds = cost.estimate_seconds(plan, run)
+            total += seconds
+            est = f"~{format_duration(seconds)}"
+        print(f"  {run.run_id}  {status:8s} {est:>10s}  {run.label}")
+    if cost is not None:
+        print(f"estimated time for pending runs on {cost.device_key}: {format_duration(total)}")
+    return total
+
+
+def _execute(plan, args: argparse.Namespace) -> int:
+    from repro.runner import execute
+
+    store, device = _store(args), _device(args)
+    hours = _print_plan(plan, store, device, estimate=not args.no_estimate) / 3600
+    if args.budget_hours is not None and hours > args.budget_hours:
+        raise ReproError(f"the plan needs about {hours:.2f} h on this device, over --budget-hours {args.budget_hours}")
+    summary = execute(plan, store, device, progress=not args.no_progress, retry_failed=args.retry_failed)
+    print(f"{plan.spec.id} [{plan.tier}]: {len(summary.done)} trained, {len(summary.cached)} cached, "
+          f"{len(summary.failed)} failed, {len(summary.blocked)} blocked")
+    return 0
+
+
+def _report(output: str, args: argparse.Namespace, command_line: str) -> None:
+    from repro.compare import compare_plan
+    from repro.render.tables import render_output
+    from repro.spec import specs_for_output
+
+    store = _store(args)
+    sections = []
+    for spec_id in specs_for_output(output):
+        plan = _plan(spec_id, args)
+        sections.append((plan, compare_plan(plan, store)))
+    md, csv = render_output(output, args.tier, sections, Path(args.tables), command_line)
+    print(f"wrote {md} and {csv}")
+
+
+# -- commands ----------------------------------------------------------------------------------------------------
+@command("specs")
+def cmd_specs(args: argparse.Namespace) -> int:
+    from repro.spec import all_spec_ids, load_spec
+
+    for spec_id in all_spec_ids():
+        spec = load_spec(spec_id, check_models=False)
+        print(f"{spec_id:40s} -> tables/{spec.output}.md  {spec.table}: {spec.title}")
+    return 0
+
+
+@command("schema")
+def cmd_schema(args: argparse.Namespace) -> int:
+    from repro.spec import json_schema
+
+    text = json.dumps(json_schema(), indent=2)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+        print(f"wrote {args.output}")
+    else:
+        print(text)
+    return 0
+
+
+@command("plan")
+def cmd_plan(args: argparse.Namespace) -> int:
+    _print_plan(_plan(args.spec, args), _store(args), _device(args), estimate=not args.no_estimate)
+    return 0
+
+
+@command("run")
+def cmd_run(args: argparse.Namespace) -> int:
+    return _execute(_plan(args.spec, args), args)
+
+
+@command("report")
+def cmd_report(args: argparse.Namespace) -> int:
+    _report(args.output, args, f"repro report {args.output} --tier {args.tier}")
+    return 0
+
+
+@command("table")
+def cmd_table(args: argparse.Namespace) -> int:
+    """Run every spec that renders into ``tables/<output>.md``, then render it."""
+    from repro.spec import specs_for_output
+
+    for spec_id in specs_for_output(args.output):
+        _execute(_plan(spec_id, args), args)
+    _report(args.output, args, f"repro table {args.output} --tier {args.tier}")
+    return 0
+
+
+@command("smoke")
+def cmd_smoke(args: argparse.Namespace) -> int:
+    """Every output at the smoke tier: the CI smoke reproduction."""
+    from repro.spec import all_outputs
+
+    args.tier = "smoke"
+    for output in all_outputs():
+        args.output = output
+        cmd_table(args)
+    return 0
+
+
+@command("status")
+def cmd_status(args: argparse.Namespace) -> int:
+    store = _store(args)
+    counts: dict[str, int] = {}
+    for run_id in store.run_ids():
+        result = store.result(run_id)
+        status = result["status"] if result else ("running/interrupted" if store.checkpoint_path(run_id).exists()
+                                                   else "pending")
+        counts[status] = counts.get(status, 0) + 1
+        if args.verbose:
+            label = (result or {}).get("label", "")
+            print(f"{run_id}  {status:20s} {label}")
+    print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or f"no runs in {store.root}")
+    return 0
+
+
+@command("teachers")
+def cmd_teachers(args: argparse.Namespace) -> int:
+    from repro import teachers
+
+    if args.action == "fetch":
+        paths = teachers.fetch_teachers(Path(args.dest))
+        for arch, path in sorted(paths.items()):
+            print(f"{arch}: {path}")
+        return 0
+    if args.action == "train":
+        args.output = "wttm-teachers"
+        return cmd_table(args)
+    raise ReproError(f"unknown teachers action {args.action!r}")
+
+
+# -- parser --------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="repro", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser, tier: bool = True) -> None:
+        if tier:
+            p.add_argument("--tier", choices=["smoke", "proxy", "full"], default="full")
+            p.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the paper's run count)")
+            p.add_argument("--no-teacher-gate", action="store_true",
+                           help="use checkpoint teachers even when their accuracy is off the reported value")
+        p.add_argument("--runs", default=None, help="run store folder (default: $REPRO_RUNS or ./runs)")
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+        p.add_argument("--tables", default="tables", help="where markdown/CSV tables are written")
+
+    def running(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--retry-failed", action="store_true", help="run failed runs again")
+        p.add_argument("--no-progress", action="store_true")
+        p.add_argument("--no-estimate", action="store_true", help="skip the throughput micro-benchmark")
+        p.add_argument("--budget-hours", type=float, default=None, help="refuse a plan estimated above this")
+
+    sub.add_parser("specs", help="list the specs")
+    p = sub.add_parser("schema", help="write the JSON Schema of a spec (for editor completion)")
+    p.add_argument("-o", "--output", default=None)
+    for name, help_text in (("plan", "print the runs of a spec, which are cached, and their estimated cost"),
+                            ("run", "run what is pending in a spec")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("spec", help="spec id (e.g. wttm/cifar100-table1) or a YAML path")
+        common(p)
+        if name == "run":
+            running(p)
+        else:
+            p.add_argument("--no-estimate", action="store_true", help="skip the throughput micro-benchmark")
+    p = sub.add_parser("report", help="render tables/<output>.md and .csv from the run store")
+    p.add_argument("output", help="e.g. wttm-cifar100")
+    common(p)
+    p = sub.add_parser("table", help="run every spec of an output, then render it")
+    p.add_argument("output")
+    common(p)
+    running(p)
+    p = sub.add_parser("smoke", help="every spec at the smoke tier (the CI smoke reproduction)")
+    common(p)
+    running(p)
+    p = sub.add_parser("status", help="pending / done / failed runs in the store")
+    p.add_argument("-v", "--verbose", action="store_true")
+    common(p, tier=False)
+    p = sub.add_parser("teachers", help="fetch the public CIFAR teachers or train them")
+    p.add_argument("action", choices=["fetch", "train"])
+    p.add_argument("--dest", default="teachers/cifar100")
+    common(p)
+    running(p)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ReproError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished runs are kept and the interrupted run resumes from its last checkpoint",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

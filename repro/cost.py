@@ -1,0 +1,105 @@
+"""Cost model: estimate each run's time on this device from measured throughput.
+
+Throughput comes from finished runs in the store with the same student/teacher/pipeline on the same device
+(images/s they recorded), else from a short micro-benchmark (a few forward/backward steps), cached per device in
+``<runs>/.cache/throughput.json``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Optional
+
+import torch
+
+from repro.models import create_model
+from repro.plan import Plan, PlannedRun
+from repro.provenance import device_name
+from repro.store import RunStore, atomic_write_json
+
+KNOWN_SIZES = {"cifar100": (50000, 10000), "cifar10": (50000, 10000), "imagenet": (1281167, 50000)}
+
+
+def dataset_sizes(recipe: dict[str, Any]) -> tuple[int, int]:
+    data = recipe["data"]
+    train, test = KNOWN_SIZES.get(data["name"], (10000, 1000))
+    synthetic = data.get("synthetic") or {}
+    if synthetic:
+        classes = synthetic.get("classes_used") or synthetic.get("classes") or 10
+        train = classes * synthetic.get("train_per_class", 50) if isinstance(classes, int) else train
+        test = classes * synthetic.get("test_per_class", 10) if isinstance(classes, int) else test
+    train = min(train, data.get("train_subset") or train)
+    test = min(test, data.get("test_subset") or test)
+    return train, test
+
+
+def _image_size(recipe: dict[str, Any]) -> int:
+    return int(recipe.get("pipeline_args", {}).get("image_size", 32))
+
+
+class CostModel:
+    def __init__(self, store: RunStore, device: torch.device) -> None:
+        self.store = store
+        self.device = device
+        self.device_key = device_name(device)
+        self.path = store.root / ".cache" / "throughput.json"
+        self.cache: dict[str, float] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def _teacher_arch(self, plan: Plan, run: PlannedRun) -> Optional[str]:
+        teacher = run.config.get("teacher")
+        if not teacher:
+            return None
+        return plan.runs[teacher["run"]].config["model"]["arch"] if teacher["run"] in plan.runs else None
+
+    def images_per_s(self, arch: str, teacher: Optional[str], recipe: dict[str, Any]) -> float:
+        size, batch = _image_size(recipe), min(int(recipe["batch_size"]), 32)
+        key = f"{self.device_key}|{arch}|{teacher}|{size}"
+        if key not in self.cache:
+            self.cache[key] = self._measure(arch, teacher, size, batch)
+            atomic_write_json(self.path, self.cache)
+        return self.cache[key]
+
+    def _measure(self, arch: str, teacher: Optional[str], size: int, batch: int) -> float:
+        torch.manual_seed(0)
+        student = create_model(arch).to(self.device).train()
+        frozen = create_model(teacher).to(self.device).eval() if teacher else None
+        x = torch.randn(batch, 3, size, size, device=self.device)
+        opt = torch.optim.SGD(student.parameters(), lr=0.0)
+
+        def step() -> None:
+            if frozen is not None:
+                with torch.no_grad():
+                    frozen(x)
+            loss = student(x).float().logsumexp(1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        steps = 2
+        for _ in range(steps):
+            step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return steps * batch / (time.perf_counter() - t0)
+
+    def estimate_seconds(self, plan: Plan, run: PlannedRun) -> float:
+        recipe = run.config["recipe"]
+        train, test = dataset_sizes(recipe)
+        arch = run.config["model"]["arch"]
+        if run.config["kind"] == "eval":
+            return 3 * test / self.images_per_s(arch, None, recipe)
+        rate = self.images_per_s(arch, self._teacher_arch(plan, run), recipe)
+        # Evaluation costs about a third of a training step per image.
+        return recipe["epochs"] * (train + test / 3) / rate
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -1,0 +1,98 @@
+"""Datasets as whole tensors, read from their real on-disk layouts.
+
+A reader is registered in ``DATASETS`` (``@DATASETS.register("cifar100")``) as
+``fn(root: Path, split: str, download: bool) -> ImageTensorDataset``. Every module of this package is imported
+on first use, so a new dataset is one new file here: no list to edit.
+
+The ``fingerprint`` of a dataset is a sha256 over its source files; it keys every cache derived from the data
+(the teacher-output cache), so replacing a file can never serve stale results.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from repro.errors import ReproError
+from repro.registry import Registry
+
+
+@dataclass
+class ImageTensorDataset:
+    """A whole split in memory: ``images`` uint8 [N, 3, H, W], ``labels`` int64 [N]."""
+
+    images: Tensor
+    labels: Tensor
+    num_classes: int
+    name: str
+    fingerprint: str
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ValueError(f"images must be uint8 [N, C, H, W], got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],):
+            raise ValueError(f"labels must be int64 [N], got {self.labels.dtype} {tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+DatasetReader = Callable[[Path, str, bool], ImageTensorDataset]
+DATASETS: Registry[DatasetReader] = Registry("dataset")
+
+_discovered = False
+
+
+def discover() -> None:
+    """Import every module of this package once, so their readers register themselves."""
+    global _discovered
+    if not _discovered:
+        for info in pkgutil.iter_modules(__path__):
+            importlib.import_module(f"{__name__}.{info.name}")
+        _discovered = True
+
+
+def load_dataset(name: str, root: str | Path, split: str, download: bool = True) -> ImageTensorDataset:
+    """Read split ``split`` of the registered dataset ``name`` from ``root`` (downloading it if allowed)."""
+    discover()
+    if split not in ("train", "test"):
+        raise ReproError(f"unknown split {split!r} for dataset {name!r}; expected 'train' or 'test'")
+    return DATASETS.get(name)(Path(root), split, download)
+
+
+def dataset_names() -> list[str]:
+    discover()
+    return DATASETS.names()
+
+
+def hash_file(path: Path, *algorithms: str) -> dict[str, str]:
+    """Hex digests of one file for each named hashlib algorithm, in a single pass over its bytes."""
+    digests = {name: hashlib.new(name) for name in algorithms}
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            for digest in digests.values():
+                digest.update(chunk)
+    return {name: digest.hexdigest() for name, digest in digests.items()}
+
+
+def combine_fingerprint(salt: str, named_sha256: Iterable[tuple[str, str]]) -> str:
+    """The dataset fingerprint: sha256 over ``salt`` and each (file name, file sha256) in order."""
+    digest = hashlib.sha256(salt.encode() + b"\0")
+    for name, sha in named_sha256:
+        digest.update(f"{name}\0{sha}\0".encode())
+    return digest.hexdigest()
+
+
+def fingerprint_files(paths: Iterable[Path], salt: str = "") -> str:
+    """sha256 fingerprint over the given source files (``salt`` tells apart e.g. the splits of one folder)."""
+    return combine_fingerprint(salt, [(path.name, hash_file(path, "sha256")["sha256"]) for path in paths])
+
+
+__all__ = ["DATASETS", "DatasetReader", "ImageTensorDataset", "dataset_names", "discover", "fingerprint_files",
+           "hash_file", "combine_fingerprint", "load_dataset"]

@@ -1,0 +1,280 @@
+"""Data pipelines over an ImageNet-style folder that yield ``repro.methods.base.Batch`` objects.
+
+Two recipes, registered in ``FOLDER_RECIPES``:
+
+* ``imagenet_standard`` (torchdistill's / torchvision's ImageNet recipe): RandomResizedCrop + horizontal flip
+  for training; resize to ``size / 0.875`` (256 for 224) + center crop for evaluation; ImageNet mean/std.
+* ``deit`` (facebookresearch/deit ``datasets.build_transform`` + ``main.py`` defaults, ssta.md 3.1): timm
+  ``create_transform`` with RandAugment ``rand-m9-mstd0.5-inc1``, color jitter 0.3, bicubic, random erasing 0.25
+  (pixel mode); timm ``Mixup`` (mixup 0.8, cutmix 1.0, prob 1, switch 0.5, per batch, label smoothing 0.1) whose
+  soft targets go to ``Batch.targets`` (hard labels stay in ``Batch.labels``); repeated augmentation with 3
+  repeats through timm's ``RepeatAugSampler`` (DeiT's RASampler; on one process each epoch then holds about
+  a third of the images, three augmented copies each, as DeiT on one GPU); eval = resize ``size / 0.875``
+  bicubic + center crop. At 32 pixels and below DeiT swaps the crop for ``RandomCrop(size, padding=4)`` and evaluates
+  without resizing; we do the same (after resizing the shorter side to ``size``, the identity on 32-px
+  images), so the smoke tier runs DeiT's recipe at 32 px.
+
+With mixup and cutmix off, a positive ``smoothing`` is applied here as smoothed one-hot soft targets
+(identical to DeiT's ``LabelSmoothingCrossEntropy``), so the ``ce`` term needs no smoothing of its own.
+
+Randomness: the sampler order depends on (seed, epoch) only; DataLoader workers are seeded from a generator
+seeded the same way, so with the same worker count the per-image augmentations repeat too. Mixup/CutMix (timm)
+draws from numpy's global RNG in the main process, and with ``workers=0`` so do the per-image transforms
+(the process's global RNGs, seeded by the runner).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from timm.data import Mixup, create_transform
+from timm.data.distributed_sampler import RepeatAugSampler
+from torch import Tensor
+from torch.utils.data import DataLoader, Sampler
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+from repro.errors import ReproError
+from repro.data.imagefolder import IndexedImageFolder, load_imagefolder_splits
+from repro.methods.base import Batch
+from repro.registry import Registry
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class FolderRecipe:
+    """What a pipeline name resolves to: transforms, the optional batch mixer and the sampler policy."""
+
+    train_transform: Callable
+    eval_transform: Callable
+    mixup: Optional[dict[str, Any]]  # timm Mixup kwargs (without num_classes), or None
+    smoothing: float
+    repeated_aug: int  # number of repeats, 0 or 1 = off
+    options: dict[str, Any]  # the resolved options (defaults + overrides), for the fingerprint
+
+
+RecipeBuilder = Callable[..., FolderRecipe]
+FOLDER_RECIPES: Registry[RecipeBuilder] = Registry("image-folder pipeline")
+
+
+def _checked_options(name: str, defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ReproError(f"pipeline {name!r} got unknown options {unknown}; known: {sorted(defaults)}")
+    return {**defaults, **given}
+
+
+def _eval_transform(image_size: int, crop_ratio: float, interpolation: InterpolationMode) -> Callable:
+    return T.Compose([
+        T.Resize(int(math.floor(image_size / crop_ratio)), interpolation=interpolation),
+        T.CenterCrop(image_size),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+_STANDARD_DEFAULTS = {"eval_crop_ratio": 0.875, "scale": (0.08, 1.0), "smoothing": 0.0}
+
+
+@FOLDER_RECIPES.register("imagenet_standard")
+def imagenet_standard(image_size: int, **options: Any) -> FolderRecipe:
+    opts = _checked_options("imagenet_standard", _STANDARD_DEFAULTS, options)
+    train = T.Compose([
+        T.RandomResizedCrop(image_size, scale=tuple(opts["scale"])),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+    evaluation = _eval_transform(image_size, opts["eval_crop_ratio"], InterpolationMode.BILINEAR)
+    return FolderRecipe(train, evaluation, mixup=None, smoothing=float(opts["smoothing"]), repeated_aug=0,
+                        options=opts)
+
+
+_DEIT_DEFAULTS = {
+    "color_jitter": 0.3, "auto_augment": "rand-m9-mstd0.5-inc1", "interpolation": "bicubic",
+    "re_prob": 0.25, "re_mode": "pixel", "re_count": 1,
+    "mixup": 0.8, "cutmix": 1.0, "cutmix_minmax": None, "mixup_prob": 1.0, "mixup_switch_prob": 0.5,
+    "mixup_mode": "batch", "smoothing": 0.1, "repeated_aug": 3, "eval_crop_ratio": 0.875,
+}
+
+
+@FOLDER_RECIPES.register("deit")
+def deit(image_size: int, **options: Any) -> FolderRecipe:
+    opts = _checked_options("deit", _DEIT_DEFAULTS, options)
+    train = create_transform(
+        input_size=image_size, is_training=True, color_jitter=opts["color_jitter"],
+        auto_augment=opts["auto_augment"], interpolation=opts["interpolation"],
+        re_prob=opts["re_prob"], re_mode=opts["re_mode"], re_count=opts["re_count"],
+        mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    if image_size <= 32:
+        # DeiT's build_transform for CIFAR-sized inputs: pad-and-crop instead of RandomResizedCrop, and no eval
+        # resize. The leading Resize is ours: it is the identity on images of the target size and keeps larger
+        # folder images (synthetic or real) whole instead of cropping a tiny corner.
+        train.transforms[0] = T.Compose([T.Resize(image_size, interpolation=InterpolationMode.BICUBIC),
+                                         T.RandomCrop(image_size, padding=4)])
+        evaluation = T.Compose([T.Resize(image_size, interpolation=InterpolationMode.BICUBIC),
+                                T.CenterCrop(image_size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    else:
+        evaluation = _eval_transform(image_size, opts["eval_crop_ratio"], InterpolationMode.BICUBIC)
+    mixing = opts["mixup"] > 0 or opts["cutmix"] > 0 or opts["cutmix_minmax"] is not None
+    mixup = dict(mixup_alpha=opts["mixup"], cutmix_alpha=opts["cutmix"], cutmix_minmax=opts["cutmix_minmax"],
+                 prob=opts["mixup_prob"], switch_prob=opts["mixup_switch_prob"], mode=opts["mixup_mode"],
+                 label_smoothing=opts["smoothing"]) if mixing else None
+    return FolderRecipe(train, evaluation, mixup, float(opts["smoothing"]), int(opts["repeated_aug"]), opts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# samplers and loaders
+
+def _replicas() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(seed) * 1_000_003 + int(epoch)
+
+
+class ShuffleSampler(Sampler[int]):
+    """A fresh permutation per (seed, epoch), split across distributed ranks (padded to equal length)."""
+
+    def __init__(self, size: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        self.size, self.seed, self.num_replicas, self.rank = size, seed, num_replicas, rank
+        self.num_samples = math.ceil(size / num_replicas)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
+        order = torch.randperm(self.size, generator=generator).tolist()
+        order += order[: self.num_samples * self.num_replicas - self.size]
+        return iter(order[self.rank::self.num_replicas])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class _SeededRepeatAugSampler(RepeatAugSampler):
+    """timm's RepeatAugSampler (DeiT's RASampler), whose per-epoch shuffle also depends on the run's seed."""
+
+    def __init__(self, dataset: Any, seed: int, num_repeats: int, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, num_repeats=num_repeats)
+        self.seed = seed
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(_epoch_seed(self.seed, epoch))
+
+
+class FolderLoader:
+    """Iterates ``Batch`` objects on ``device``; ``set_epoch(epoch)`` (1-based) reshuffles and stamps batches."""
+
+    def __init__(self, dataset: IndexedImageFolder, batch_size: int, sampler: Sampler, workers: int,
+                 device: torch.device, seed: int, train: bool, num_classes: int,
+                 mixup: Optional[dict[str, Any]] = None, smoothing: float = 0.0) -> None:
+        self.dataset = dataset
+        self.sampler = sampler
+        self.device = torch.device(device)
+        self.seed = seed
+        self.train = train
+        self.num_classes = num_classes
+        self.smoothing = smoothing
+        self.epoch = 1
+        self.mixup = Mixup(num_classes=num_classes, **mixup) if mixup else None
+        self._generator = torch.Generator()
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                 pin_memory=self.device.type == "cuda", drop_last=train,
+                                 persistent_workers=False, generator=self._generator)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(self.epoch)
+        self._generator.manual_seed(_epoch_seed(self.seed, self.epoch) + (0 if self.train else 7))
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        return len(self.loader)
+
+    @property
+    def num_samples(self) -> int:
+        """Images in the underlying split (not per epoch: repeated augmentation and drop_last change that)."""
+        return len(self.dataset)
+
+    def _targets(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        if self.mixup is not None:
+            return self.mixup(images, labels)
+        if self.train and self.smoothing > 0:
+            off = self.smoothing / self.num_classes
+            soft = torch.full((labels.shape[0], self.num_classes), off, device=labels.device)
+            return images, soft.scatter_(1, labels[:, None], 1.0 - self.smoothing + off)
+        return images, labels
+
+    def __iter__(self) -> Iterator[Batch]:
+        non_blocking = self.device.type == "cuda"
+        for images, labels, indices in self.loader:
+            images = images.to(self.device, non_blocking=non_blocking)
+            labels = labels.to(self.device, non_blocking=non_blocking)
+            hard = labels.clone()
+            images, targets = self._targets(images, labels)
+            yield Batch(images=images, targets=targets, labels=hard,
+                        indices=indices.to(self.device, non_blocking=non_blocking), epoch=self.epoch)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the builder
+
+def folder_fingerprint(name: str, image_size: int, options: dict[str, Any], root: Path,
+                       datasets: tuple[IndexedImageFolder, ...]) -> str:
+    """sha256 of the pipeline recipe and both split listings (paths relative to the root, and labels)."""
+    digest = hashlib.sha256(json.dumps({"pipeline": name, "image_size": image_size, "options": options},
+                                       sort_keys=True, default=str).encode())
+    for dataset in datasets:
+        for path, label in dataset.samples:
+            digest.update(f"{os.path.relpath(path, root)}\t{label}\n".encode())
+    return digest.hexdigest()
+
+
+def build_folder_pipeline(name: str, root: str | os.PathLike, image_size: int, batch_size: int, seed: int,
+                          device: torch.device | str, workers: int = 0, **aug: Any,
+                          ) -> tuple[FolderLoader, FolderLoader, Tensor, int, str]:
+    """``(train_iterable, test_iterable, train_labels, num_classes, fingerprint)`` for an ImageNet-style folder.
+
+    ``name`` is a ``FOLDER_RECIPES`` entry; ``aug`` overrides that recipe's options (unknown ones are an error).
+    The test iterable reads ``val`` in order, without mixing. ``train_labels`` are the hard labels in dataset
+    index order; ``fingerprint`` identifies the split listings and the recipe.
+    """
+    recipe = FOLDER_RECIPES.get(name)(image_size, **aug)
+    root_path = Path(root).expanduser()
+    train_set, val_set = load_imagefolder_splits(root_path, recipe.train_transform, recipe.eval_transform)
+    num_classes = len(train_set.classes)
+    if recipe.mixup is not None and batch_size % 2:
+        raise ReproError(f"pipeline {name!r} mixes pairs of images and needs an even batch size, got {batch_size}")
+    if batch_size > len(train_set):
+        raise ReproError(f"batch size {batch_size} exceeds the {len(train_set)} training images in {root_path}")
+    replicas, rank = _replicas()
+    if recipe.repeated_aug > 1:
+        sampler: Sampler = _SeededRepeatAugSampler(train_set, seed, recipe.repeated_aug, replicas, rank)
+    else:
+        sampler = ShuffleSampler(len(train_set), seed, replicas, rank)
+    device = torch.device(device)
+    train = FolderLoader(train_set, batch_size, sampler, workers, device, seed, True, num_classes,
+                         recipe.mixup, recipe.smoothing)
+    test = FolderLoader(val_set, batch_size, torch.utils.data.SequentialSampler(val_set), workers, device, seed,
+                        False, num_classes)
+    train.set_epoch(1)
+    test.set_epoch(1)
+    labels = torch.tensor(train_set.targets, dtype=torch.long)
+    fingerprint = folder_fingerprint(name, image_size, recipe.options, root_path, (train_set, val_set))
+    return train, test, labels, num_classes, fingerprint

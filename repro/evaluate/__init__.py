@@ -1,0 +1,59 @@
+"""Evaluation suites: ``SUITES.get(name)(model, cfg, device) -> dict`` (JSON-ready, with a ``protocol`` record).
+
+``repro eval MODEL --suite clean,imagenet-c,shape-bias,top10`` looks each name up here; no caller branches on it.
+
+``cfg`` is a plain mapping. Shared keys may sit at the top level; a section named after the suite overrides them
+(unknown keys inside a section are an error):
+
+Shared (``repro.evaluate.predict.EvalOptions``)
+    ``batch_size`` (64), ``num_workers`` (min(8, CPUs)), ``image_size`` (224: the centre crop), ``resize_size``
+    (suite default, see below; ``null`` = crop only), ``mean``/``std`` (ImageNet), ``amp`` (false; bf16 autocast),
+    ``label_space`` ("auto": WNID folders read by a 1000-way model use the ImageNet indices, anything else the
+    sorted folder order; or force "imagenet"/"folder"), ``progress`` (true: tqdm bars).
+
+``clean``       ``root``: class-per-folder set (ImageNet val as ``<wnid>/*.JPEG``). resize image_size/0.875 -> crop.
+                Returns top1, top5 (percent), n_images.
+``imagenet-c``  ``root``: ``<root>/<corruption>/<1-5>/<wnid>/*.JPEG``; ``corruptions`` (the 15 benchmark ones),
+                ``extra_corruptions`` ([]; any of speckle_noise, gaussian_blur, spatter, saturate, reported apart),
+                ``severities`` ([1..5]). Crop only (released JPEGs are 224 px). Returns mce, ce, error,
+                mean_error, mean_accuracy, extra_mean_error, complete_benchmark, ... (see ``mce_from_errors``).
+``shape-bias``  ``root``: cue-conflict ``<shape>/<shape><i>-<texture><j>.png``; ``aggregation`` ("mean").
+                Crop only (stimuli are 224 px). Returns shape_bias, per_class, fraction_shape/texture, counts.
+``top10``       ``root``: labelled class-per-folder set; ``other_model`` (the second, already built nn.Module, e.g.
+                the SSL TA with its linear probe), ``names`` (["teacher", "ta"]: model first, other second),
+                ``rule`` ("largest-difference" or "top-correct", see ``RANK_RULES``), ``k`` (10).
+                Returns accuracy per model and ``table`` (tidy rows, see ``top10.TABLE_COLUMNS``).
+
+Example: ``{"batch_size": 128, "imagenet-c": {"root": "/data/ImageNet-C"}, "shape-bias": {"root": "/data/cue"}}``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn as nn
+
+from repro.evaluate.imagenet_c import imagenet_c_suite
+from repro.evaluate.predict import clean_suite
+from repro.evaluate.shape_bias import shape_bias_suite
+from repro.evaluate.top10 import top10_suite
+from repro.registry import Registry
+
+Suite = Callable[[nn.Module, Mapping[str, Any], "torch.device | str"], dict[str, Any]]
+SUITES: Registry[Suite] = Registry("evaluation suite")
+
+SUITES.register("clean")(clean_suite)
+SUITES.register("imagenet-c")(imagenet_c_suite)
+SUITES.register("shape-bias")(shape_bias_suite)
+SUITES.register("top10")(top10_suite)
+
+
+def run_suites(
+    model: nn.Module, names: list[str], cfg: Mapping[str, Any], device: torch.device | str
+) -> dict[str, dict[str, Any]]:
+    """Run several suites on one model (unknown names fail before any work): ``{suite name: result}``."""
+    suites = {name: SUITES.get(name) for name in names}
+    return {name: suite(model, cfg, device) for name, suite in suites.items()}
+
+
+__all__ = ["SUITES", "Suite", "run_suites"]

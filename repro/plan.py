@@ -1,0 +1,178 @@
+"""Expand spec x tier x seeds into a DAG of runs, each identified by the hash of its resolved config.
+
+A student run depends on its teacher: a CE training run of the teacher in the same plan, or an evaluation run of
+a checkpoint file (which is also the teacher-accuracy gate). Identical configs collapse into one run, so a
+"Student" row shared by two pairs, or a teacher shared by five tables, is trained once.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from repro.errors import ReproError
+from repro.spec import Cell, LossSpec, MethodDef, Recipe, Spec, deep_merge
+from repro.store import run_id_of
+
+CHECKPOINT_NAME = "{arch}_vanilla/ckpt_epoch_240.pth"  # RepDistiller / mdistiller teacher bundle layout
+
+
+@dataclass
+class PlannedRun:
+    run_id: str
+    config: dict[str, Any]
+    label: str
+    deps: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CellRuns:
+    cell: Cell
+    method: MethodDef
+    run_ids: list[str]  # one per seed; empty for reported-only rows
+
+
+@dataclass
+class Plan:
+    spec: Spec
+    tier: str
+    runs: dict[str, PlannedRun]  # insertion order is a topological order (dependencies first)
+    cells: list[CellRuns]
+
+    def ordered(self) -> list[PlannedRun]:
+        return list(self.runs.values())
+
+
+def teachers_root(recipe: Recipe) -> Path:
+    return Path(recipe.teachers.root or os.environ.get("REPRO_TEACHERS", "teachers/cifar100"))
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Planner:
+    def __init__(self, spec: Spec, tier: str, seeds: Optional[int] = None, teacher_gate: bool = True) -> None:
+        self.teacher_gate = teacher_gate
+        self.spec = spec
+        self.tier = tier
+        self.seeds_override = seeds
+        self.recipe = spec.recipe_for(tier)
+        self.runs: dict[str, PlannedRun] = {}
+
+    # -- public ---------------------------------------------------------------------------------------------
+    def plan(self) -> Plan:
+        cells = [self._plan_cell(cell) for cell in self.spec.cells]
+        return Plan(self.spec, self.tier, self.runs, cells)
+
+    # -- cells ----------------------------------------------------------------------------------------------
+    def _plan_cell(self, cell: Cell) -> CellRuns:
+        method = self.spec.methods[cell.method]
+        if method.reported_only is not None:
+            return CellRuns(cell, method, [])
+        if method.role == "teacher":
+            return CellRuns(cell, method, [self._teacher_run(cell.teacher)])
+        n_seeds = self.seeds_override or cell.seeds or self.spec.seeds_for(self.tier)
+        losses = resolve_losses(method, cell)
+        teacher_id = self._teacher_run(cell.teacher) if method.needs_teacher() else None
+        assistants = {"ta": self._assistant_run(cell.assistant)} if cell.assistant else {}
+        ids = []
+        for seed in range(n_seeds):
+            config = self._train_config(cell.student, losses, seed, teacher_id, assistants)
+            label = f"{cell.student} <- {cell.teacher}  {cell.method}  seed {seed}" if teacher_id else \
+                f"{cell.student}  {cell.method}  seed {seed}"
+            deps = [d for d in [teacher_id, *assistants.values()] if d]
+            ids.append(self._add(config, label, deps))
+        return CellRuns(cell, method, ids)
+
+    # -- runs -----------------------------------------------------------------------------------------------
+    def _add(self, config: dict[str, Any], label: str, deps: list[str]) -> str:
+        run_id = run_id_of(config)
+        if run_id not in self.runs:
+            self.runs[run_id] = PlannedRun(run_id, config, label, deps)
+        return run_id
+
+    def _recipe_for_arch(self, arch: str) -> dict[str, Any]:
+        recipe = self.recipe.model_dump()
+        if arch in self.recipe.lr_by_arch:
+            recipe["optimizer"]["lr"] = self.recipe.lr_by_arch[arch]
+        recipe.pop("lr_by_arch")
+        recipe.pop("teachers")  # how teachers are obtained is part of the teacher reference, not the recipe
+        return recipe
+
+    def _model(self, key: str) -> dict[str, Any]:
+        mdef = self.spec.model_def(key)
+        args = deep_merge(self.recipe.model_args, mdef.args)
+        return {"arch": mdef.arch or key, "num_classes": mdef.num_classes or self.spec.num_classes, "args": args}
+
+    def _train_config(self, key: str, losses: dict[str, dict[str, Any]], seed: int,
+                      teacher_id: Optional[str], assistants: dict[str, str]) -> dict[str, Any]:
+        model = self._model(key)
+        return {
+            "kind": "train",
+            "tier": self.tier,
+            "seed": seed,
+            "model": model,
+            "teacher": {"run": teacher_id} if teacher_id else None,
+            "assistants": {name: {"run": rid} for name, rid in assistants.items()},
+            "losses": losses,
+            "recipe": self._recipe_for_arch(model["arch"]),
+        }
+
+    def _teacher_run(self, key: Optional[str]) -> str:
+        assert key is not None
+        source = self.recipe.teachers
+        mdef = self.spec.model_def(key)
+        if source.source == "train" and not mdef.checkpoint:
+            config = self._train_config(key, {"ce": {"weight": 1.0}}, source.seed, None, {})
+            if source.epochs:
+                config["recipe"]["epochs"] = source.epochs
+            return self._add(config, f"{key}  teacher (CE)  seed {source.seed}", [])
+        arch = mdef.arch or key
+        path = Path(mdef.checkpoint) if mdef.checkpoint else teachers_root(self.recipe) / CHECKPOINT_NAME.format(arch=arch)
+        config = {
+            "kind": "eval",
+            "tier": self.tier,
+            "model": self._model(key),
+            "checkpoint": {"path": str(path), "sha256": file_sha256(path) if path.is_file() else None},
+            "expected_top1": mdef.expected_top1 if mdef.expected_top1 is not None else self._reported_teacher_top1(key),
+            "gate_tolerance": source.gate_tolerance if self.teacher_gate else None,
+            "recipe": self._recipe_for_arch(arch),
+        }
+        return self._add(config, f"{key}  teacher checkpoint (evaluate + gate)", [])
+
+    def _assistant_run(self, key: str) -> str:
+        mdef = self.spec.model_def(key)
+        if not mdef.pretrain:
+            return self._teacher_run(key)
+        method = self.spec.methods[mdef.pretrain]
+        config = self._train_config(key, resolve_losses(method, None), 0, None, {})
+        return self._add(config, f"{key}  assistant pretraining ({mdef.pretrain})", [])
+
+    def _reported_teacher_top1(self, key: str) -> Optional[float]:
+        for cell in self.spec.cells:
+            if cell.teacher == key and self.spec.methods[cell.method].role == "teacher":
+                return cell.reported.mean
+        return None
+
+
+def resolve_losses(method: MethodDef, cell: Optional[Cell]) -> dict[str, dict[str, Any]]:
+    """Merge the method's loss terms with the cell's per-term parameters into plain dicts."""
+    losses: dict[str, dict[str, Any]] = {}
+    for name, term in method.losses.items():
+        base = {"weight": float(term)} if isinstance(term, (int, float)) else LossSpec.model_validate(term).model_dump()
+        override = cell.params.get(name, {}) if cell else {}
+        losses[name] = deep_merge(base, override)
+    return losses
+
+
+def make_plan(spec: Spec, tier: str, seeds: Optional[int] = None, teacher_gate: bool = True) -> Plan:
+    if seeds is not None and seeds < 1:
+        raise ReproError(f"--seeds must be at least 1, got {seeds}")
+    return Planner(spec, tier, seeds, teacher_gate).plan()

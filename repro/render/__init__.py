@@ -1,0 +1,2 @@
+"""Renderers: markdown tables + CSV (``tables.py``) and figures (``figures.py``). They read the run store and
+the specs (the ledger), never the trainer."""

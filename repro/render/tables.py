@@ -1,0 +1,185 @@
+"""Render compared cells into ``tables/<output>.md`` (a section per paper table) and ``tables/<output>.csv``."""
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any, Optional
+
+import pandas as pd
+from tabulate import tabulate
+
+from repro.compare import VERDICT_RULE, CellResult
+from repro.plan import Plan
+from repro.provenance import git_commit, library_versions
+from repro.spec import Spec
+from repro.store import atomic_write_bytes
+
+CSV_COLUMNS = ["table", "spec", "teacher", "student", "method", "reported_mean", "reported_std", "reported_n",
+               "reported_protocol", "reported_status", "reported_source", "confidence", "reproduced_mean",
+               "reproduced_std", "n_seeds", "metric", "best_top1_mean", "last_top1_mean", "delta", "tolerance",
+               "tier", "verdict", "run_ids"]
+
+
+def _num(x: Optional[float], std: Optional[float] = None) -> str:
+    if x is None:
+        return "–"
+    return f"{x:.2f} ± {std:.2f}" if std is not None else f"{x:.2f}"
+
+
+class Footnotes:
+    """Numbered footnotes, deduplicated by text."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def mark(self, text: str) -> str:
+        if text not in self.texts:
+            self.texts.append(text)
+        return f"[{self.texts.index(text) + 1}]"
+
+    def render(self) -> str:
+        return "\n".join(f"{i}. {t}" for i, t in enumerate(self.texts, 1))
+
+
+def _reported_text(r: CellResult, notes: Footnotes) -> str:
+    rep = r.reported
+    if rep.status == "not_transcribed":
+        return "not transcribed " + notes.mark("The paper's value has not been transcribed into the ledger yet "
+                                                "(a data-only change in the spec once someone has the PDF).")
+    if rep.mean is None:
+        return "n/a"
+    text = _num(rep.mean, rep.std)
+    marks = []
+    if rep.confidence not in ("high", ""):
+        marks.append(notes.mark(f"Confidence in this reported value: {rep.confidence}."))
+    if rep.protocol == "last":
+        marks.append(notes.mark("Reported as last-epoch accuracy (copied from the CRD paper); this table mixes "
+                                "protocols, so the reproduced value shown beside it is also last-epoch."))
+    return " ".join([text, *marks])
+
+
+def _reproduced_text(r: CellResult) -> str:
+    if r.status == "failed":
+        reasons = {x.get("reason", "") for x in r.results if x.get("status") == "failed"}
+        return "failed (" + "; ".join(sorted(reasons))[:80] + ")"
+    if r.status == "reported only":
+        return "not run"
+    if r.mean is None:
+        return "pending"
+    text = _num(r.mean, r.std)
+    return text + (f" ({r.n}/{len(r.run_ids)} seeds)" if r.status == "partial" else "")
+
+
+def _provenance_marks(r: CellResult, notes: Footnotes) -> str:
+    marks = [notes.mark(f"{field}: {p.source}" + (f", {p.note}" if p.note else ""))
+             for field, p in sorted(r.cell.provenance.items())]
+    if r.method.reported_only:
+        marks.append(notes.mark(f"{r.cell.method}: reported only: {r.method.reported_only}"))
+    if r.method.note:
+        marks.append(notes.mark(f"{r.cell.method}: {r.method.note}"))
+    return " ".join(marks)
+
+
+def _pair(r: CellResult) -> str:
+    return f"{r.cell.teacher} → {r.cell.student}" if r.cell.teacher else r.cell.student
+
+
+def section_markdown(spec: Spec, tier: str, results: list[CellResult]) -> str:
+    notes = Footnotes()
+    rows = []
+    for r in results:
+        rows.append([
+            _pair(r), r.cell.method + (" " + _provenance_marks(r, notes) if _provenance_marks(r, notes) else ""),
+            _reported_text(r, notes), _reproduced_text(r), r.metric,
+            "–" if r.delta is None else f"{r.delta:+.2f}", r.verdict,
+            " ".join(rid[:8] for rid in r.run_ids) or "–",
+        ])
+    table = tabulate(rows, headers=["Teacher → Student", "Method", "Reported", "Reproduced", "Metric", "Δ",
+                                    "Verdict", "Runs"], tablefmt="github")
+    recipe = spec.recipe_for(tier)
+    lines = [f"## {spec.table}: {spec.title}", "",
+             f"Spec `{spec.id}` (`repro/specs/{spec.id}.yaml`); tier **{tier}**; seeds per cell: "
+             f"{spec.seeds_for(tier)}; metric protocol: {recipe.metric}-epoch top-1 unless a cell says otherwise.",
+             "", table, ""]
+    lines += _deviation_lines(spec, tier, results, notes)
+    if notes.texts:
+        lines += ["", "Notes:", "", notes.render()]
+    return "\n".join(lines) + "\n"
+
+
+def _deviation_lines(spec: Spec, tier: str, results: list[CellResult], notes: Footnotes) -> list[str]:
+    lines = []
+    overrides = _flatten(spec.tiers.get(tier, {}))
+    if overrides:
+        base = _flatten(spec.recipe.model_dump())
+        changed = [f"`{k}`: {base.get(k, '–')} → {v}" for k, v in overrides.items()]
+        lines.append(f"Deviations from the paper recipe at the {tier} tier: " + "; ".join(changed) + ".")
+        if spec.tier_notes.get(tier):
+            lines.append(spec.tier_notes[tier])
+    for key, p in sorted(spec.recipe_provenance.items()):
+        notes.mark(f"recipe `{key}`: {p.source}" + (f", {p.note}" if p.note else ""))
+    run_devs = sorted({d for r in results for x in r.results for d in x.get("deviations", [])})
+    if run_devs:
+        lines.append("Run-level settings recorded by the runs: " + "; ".join(run_devs) + ".")
+    for note in spec.notes:
+        lines.append(note)
+    return [line + "\n" for line in lines]
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def csv_rows(results: list[CellResult]) -> list[dict[str, Any]]:
+    rows = []
+    for r in results:
+        rep = r.reported
+        rows.append({
+            "table": r.table, "spec": r.spec_id, "teacher": r.cell.teacher or "", "student": r.cell.student,
+            "method": r.cell.method, "reported_mean": rep.mean, "reported_std": rep.std, "reported_n": rep.n,
+            "reported_protocol": rep.protocol, "reported_status": rep.status, "reported_source": rep.source,
+            "confidence": rep.confidence, "reproduced_mean": r.mean, "reproduced_std": r.std, "n_seeds": r.n,
+            "metric": r.metric, "best_top1_mean": r.best_mean, "last_top1_mean": r.last_mean, "delta": r.delta,
+            "tolerance": r.tolerance, "tier": r.tier, "verdict": r.verdict, "run_ids": " ".join(r.run_ids),
+        })
+    return rows
+
+
+def stamp_lines(tier: str, plans: list[Plan], results: list[CellResult], command: str) -> list[str]:
+    runs = [x for r in results for x in r.results]
+    devices = sorted({x.get("device_name", "?") for x in runs}) or ["(no runs yet)"]
+    commits = sorted({x.get("commit", "?") for x in runs}) or ["(no runs yet)"]
+    seeds = sorted({x.get("seed") for x in runs if x.get("seed") is not None})
+    versions = ", ".join(f"{k} {v}" for k, v in library_versions().items())
+    return [
+        f"> **Tier: {tier}.** Generated by `{command}` on {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC "
+        f"at commit `{git_commit()}`.",
+        f"> Runs: {len(runs)} finished; seeds {seeds or '–'}; device(s): {'; '.join(devices)}; "
+        f"run commits: {', '.join(commits)}.",
+        f"> Libraries (renderer): {versions}.",
+    ]
+
+
+def render_output(output: str, tier: str, sections: list[tuple[Plan, list[CellResult]]], out_dir: Path,
+                  command: str) -> tuple[Path, Path]:
+    all_results = [r for _, rs in sections for r in rs]
+    title = sections[0][0].spec.paper.upper() if sections else output
+    parts = [f"# {title}: {output}", "", *stamp_lines(tier, [p for p, _ in sections], all_results, command), ""]
+    if tier != "full":
+        parts += [f"**These are {tier}-tier numbers**: they check that every cell runs end to end, not the paper's "
+                  f"values; they are never called reproduced.", ""]
+    for plan, results in sections:
+        parts.append(section_markdown(plan.spec, tier, results))
+    parts += ["", VERDICT_RULE, ""]
+    md_path, csv_path = out_dir / f"{output}.md", out_dir / f"{output}.csv"
+    atomic_write_bytes(md_path, "\n".join(parts).encode())
+    frame = pd.DataFrame(csv_rows(all_results), columns=CSV_COLUMNS)
+    atomic_write_bytes(csv_path, frame.to_csv(index=False).encode())
+    return md_path, csv_path

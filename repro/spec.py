@@ -1,0 +1,318 @@
+"""Declarative experiment specs: one YAML file per paper table or figure, validated by pydantic.
+
+A spec reads like the paper table: a recipe (with per-tier overrides), the method rows as weighted loss terms,
+and the cells (teacher, student, method, hyperparameters, reported value with its provenance). Unknown keys are
+refused everywhere, so a typo is an error naming the key, never a silently ignored setting.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+
+from repro.errors import ReproError
+
+SPEC_ROOT = Path(__file__).parent / "specs"
+TIERS = ("smoke", "proxy", "full")
+Tier = Literal["smoke", "proxy", "full"]
+SourceKind = Literal["paper", "appendix", "readme", "code", "other-paper", "assumption"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Provenance(Strict):
+    """Where a value comes from when it is not the paper's main text."""
+
+    source: SourceKind
+    note: str = ""
+
+
+class Reported(Strict):
+    """A reported number and how far to trust it. ``mean: null`` means the paper prints n/a."""
+
+    mean: Optional[float] = None
+    std: Optional[float] = None
+    n: Optional[PositiveInt] = None
+    protocol: Literal["best", "last", "unknown"] = "unknown"
+    source: str = ""
+    confidence: str = "high"
+    status: Literal["reported", "not_transcribed", "not_available"] = "reported"
+    metric: str = "top1"
+
+
+class DataConfig(Strict):
+    name: str  # a reader registered in repro.data.DATASETS (or a folder pipeline's dataset)
+    root: Optional[str] = None  # default: $REPRO_DATA or ./data
+    download: bool = True
+    synthetic: Optional[dict[str, Any]] = None  # generator args: smoke data written in the real file layout
+    train_subset: Optional[PositiveInt] = None  # first N training images (smoke only)
+    test_subset: Optional[PositiveInt] = None
+
+
+class Normalization(Strict):
+    mean: list[float]
+    std: list[PositiveFloat]
+
+
+class OptimizerConfig(Strict):
+    name: str = "sgd"
+    lr: PositiveFloat
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    nesterov: bool = False
+    eps: PositiveFloat = 1e-8
+    lr_scale_base_batch: Optional[PositiveInt] = None  # DeiT: lr * global_batch / 512
+
+
+class ScheduleConfig(Strict):
+    name: str = "multistep"
+    milestones: list[PositiveInt] = []  # epochs after which lr *= gamma (epochs counted from 1)
+    gamma: PositiveFloat = 0.1
+    warmup_epochs: int = Field(0, ge=0)
+    warmup_lr: float = Field(1e-6, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+
+
+class TeacherSource(Strict):
+    """Teachers come from a CE training run in the same plan, or from checkpoint files (with a sha256 lock)."""
+
+    source: Literal["train", "checkpoint"] = "train"
+    root: Optional[str] = None  # checkpoint folder: <root>/<arch>_vanilla/ckpt_epoch_240.pth
+    gate_tolerance: Optional[float] = 0.5  # refuse a teacher this far (points) off its reported accuracy
+    seed: int = 0
+    epochs: Optional[PositiveInt] = None  # trained teachers: epochs if not the recipe's (smoke tier)
+
+
+class Recipe(Strict):
+    data: DataConfig
+    pipeline: str = "cifar_crop_flip"  # a registered data pipeline (augmentation + batching)
+    pipeline_args: dict[str, Any] = {}
+    normalization: Normalization
+    epochs: PositiveInt
+    batch_size: PositiveInt  # GLOBAL batch: fixed by the paper, independent of the device count
+    eval_batch_size: PositiveInt = 256
+    optimizer: OptimizerConfig
+    schedule: ScheduleConfig = ScheduleConfig()
+    lr_by_arch: dict[str, PositiveFloat] = {}  # e.g. the official code forces lr 0.01 for MobileNetV2/ShuffleNets
+    model_args: dict[str, Any] = {}  # extra create_model kwargs (drop_path_rate, img_size, ...)
+    metric: Literal["best", "last"] = "best"
+    teachers: TeacherSource = TeacherSource()
+    # Fast path and numerics: recorded in every run and stamped on the tables when they deviate from the paper.
+    precision: Literal["fp32", "bf16"] = "fp32"
+    channels_last: bool = False
+    flush_denormal: bool = True
+    compile: bool = False
+    teacher_cache: bool = False
+    deterministic: bool = True
+    clip_grad_norm: Optional[PositiveFloat] = None
+
+
+class LossSpec(Strict):
+    """One weighted loss term; any other key is a constructor parameter of the registered term."""
+
+    model_config = ConfigDict(extra="allow")
+    weight: float = 1.0
+
+
+class MethodDef(Strict):
+    """A paper row: a weighted sum of registered loss terms, or a row the suite only reports."""
+
+    role: Literal["student", "teacher"] = "student"  # "teacher": the cell shows the teacher's own accuracy
+    losses: dict[str, Union[float, LossSpec]] = {}
+    reported_only: Optional[str] = None  # why this row is not run (e.g. "FitNet is not implemented yet")
+    note: str = ""
+
+    def needs_teacher(self) -> bool:
+        return self.role == "student" and any(name != "ce" for name in self.losses)
+
+
+class Cell(Strict):
+    """One row of the paper table for one teacher/student pair."""
+
+    teacher: Optional[str] = None
+    student: str
+    method: str
+    params: dict[str, dict[str, Any]] = {}  # per-term overrides merged into the method's losses
+    reported: Reported = Reported()
+    provenance: dict[str, Provenance] = {}  # dotted path (e.g. "params.wttm.weight") -> source
+    seeds: Optional[PositiveInt] = None
+    assistant: Optional[str] = None  # SSTA: the teaching assistant's model key
+
+
+class ModelDef(Strict):
+    """A named model used by cells: its arch and how to obtain it (defaults: arch = the key)."""
+
+    arch: Optional[str] = None
+    num_classes: Optional[PositiveInt] = None
+    args: dict[str, Any] = {}
+    checkpoint: Optional[str] = None  # explicit checkpoint file (overrides the teacher source root)
+    expected_top1: Optional[float] = None  # for the teacher-accuracy gate
+    pretrain: Optional[str] = None  # a method key: the model is produced by that run first (e.g. SSL TA)
+
+
+class Spec(Strict):
+    base: Optional[str] = None  # a shared spec fragment (recipe, tiers, models) this spec extends
+    id: str  # "<paper>/<table>", e.g. "wttm/cifar100-table1"
+    paper: str
+    title: str
+    table: str  # the paper's label, e.g. "Table 1"
+    output: str  # tables/<output>.md and .csv; several specs can render into one file as sections
+    description: str = ""
+    num_classes: PositiveInt = 100
+    recipe: Recipe
+    recipe_provenance: dict[str, Provenance] = {}
+    tiers: dict[Tier, dict[str, Any]] = {}
+    tier_notes: dict[Tier, str] = {}
+    seeds: PositiveInt = 1  # default seeds per cell at the full tier (the paper's run count)
+    tier_seeds: dict[Tier, PositiveInt] = {}
+    models: dict[str, ModelDef] = {}
+    methods: dict[str, MethodDef]
+    cells: list[Cell]
+    notes: list[str] = []
+
+    @model_validator(mode="after")
+    def _cells_name_known_methods(self) -> "Spec":
+        for i, cell in enumerate(self.cells):
+            if cell.method not in self.methods:
+                raise ValueError(f"cells[{i}]: unknown method {cell.method!r}; the spec defines {sorted(self.methods)}")
+            method = self.methods[cell.method]
+            if method.reported_only is None and (method.needs_teacher() or method.role == "teacher") and not cell.teacher:
+                raise ValueError(f"cells[{i}] ({cell.method}, {cell.student}): this method needs a teacher")
+            for term in cell.params:
+                if term not in method.losses:
+                    raise ValueError(f"cells[{i}]: params for {term!r}, but method {cell.method!r} has no such loss term")
+        return self
+
+    # -- derived views --------------------------------------------------------------------------------------
+    def recipe_for(self, tier: str) -> Recipe:
+        """The recipe with the tier's overrides deep-merged in (validated again: overrides obey the schema)."""
+        merged = deep_merge(self.recipe.model_dump(), self.tiers.get(tier, {}))
+        try:
+            return Recipe.model_validate(merged)
+        except ValidationError as err:
+            raise ReproError(f"spec {self.id}: tier {tier!r} overrides: {format_validation_error(err)}") from None
+
+    def seeds_for(self, tier: str) -> int:
+        return self.tier_seeds.get(tier, self.seeds)
+
+    def model_def(self, key: str) -> ModelDef:
+        return self.models.get(key, ModelDef())
+
+    def arch_of(self, key: str) -> str:
+        return self.model_def(key).arch or key
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def format_validation_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown key {e['loc'][-1]!r}"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def spec_path(spec_ref: str) -> Path:
+    """A spec id (``wttm/cifar100-table1``) or a path to a YAML file."""
+    candidate = Path(spec_ref)
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        if not candidate.is_file():
+            raise ReproError(f"spec file {spec_ref!r} does not exist")
+        return candidate
+    by_id = SPEC_ROOT / f"{spec_ref}.yaml"
+    if not by_id.is_file():
+        known = ", ".join(all_spec_ids()) or "(none)"
+        raise ReproError(f"no spec {spec_ref!r} (not a file, not a spec id); known spec ids: {known}")
+    return by_id
+
+
+def load_spec(spec_ref: str, check_models: bool = True) -> Spec:
+    path = spec_path(spec_ref)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ReproError(f"spec {path}: YAML syntax error: {err}") from None
+    except OSError as err:
+        raise ReproError(f"spec {path}: cannot read: {err.strerror}") from None
+    if raw is None:
+        raise ReproError(f"spec {path} is empty")
+    if not isinstance(raw, dict):
+        raise ReproError(f"spec {path}: expected a mapping at the top level, got {type(raw).__name__}")
+    if raw.get("base"):
+        raw = deep_merge(_read_base(raw["base"], path), raw)
+    try:
+        spec = Spec.model_validate(raw)
+    except ValidationError as err:
+        raise ReproError(f"spec {path}: {format_validation_error(err)}") from None
+    for tier in TIERS:
+        spec.recipe_for(tier)  # tier overrides must validate too
+    if check_models:
+        check_model_names(spec)
+    return spec
+
+
+def _read_base(base: str, spec_file: Path) -> dict[str, Any]:
+    path = SPEC_ROOT / f"{base}.yaml"
+    if not path.is_file():
+        raise ReproError(f"spec {spec_file}: base {base!r} does not exist ({path})")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ReproError(f"spec base {path}: YAML syntax error: {err}") from None
+    if not isinstance(raw, dict):
+        raise ReproError(f"spec base {path}: expected a mapping")
+    return raw
+
+
+def check_model_names(spec: Spec) -> None:
+    from repro.models import MODELS, model_names
+
+    names = set(model_names())
+    keys = {k for c in spec.cells for k in (c.teacher, c.student, c.assistant) if k}
+    for key in sorted(keys):
+        arch = spec.arch_of(key)
+        if arch not in names and arch not in MODELS:
+            raise ReproError(f"spec {spec.id}: unknown model {arch!r}; known models: {', '.join(sorted(names))}")
+
+
+def all_spec_ids() -> list[str]:
+    """Every runnable spec; files starting with ``_`` are shared bases, not specs."""
+    return sorted(str(p.relative_to(SPEC_ROOT).with_suffix("")) for p in SPEC_ROOT.rglob("*.yaml")
+                  if not p.name.startswith("_"))
+
+
+def specs_for_output(output: str) -> list[str]:
+    """Spec ids that render into ``tables/<output>.md``, in file order (table order)."""
+    ids = []
+    for spec_id in all_spec_ids():
+        raw = yaml.safe_load((SPEC_ROOT / f"{spec_id}.yaml").read_text()) or {}
+        if raw.get("output") == output:
+            ids.append(spec_id)
+    if not ids:
+        raise ReproError(f"no spec renders into {output!r}; outputs: {', '.join(all_outputs())}")
+    return ids
+
+
+def all_outputs() -> list[str]:
+    outs = {(yaml.safe_load((SPEC_ROOT / f"{s}.yaml").read_text()) or {}).get("output") for s in all_spec_ids()}
+    return sorted(o for o in outs if o)
+
+
+def json_schema() -> dict[str, Any]:
+    return Spec.model_json_schema()

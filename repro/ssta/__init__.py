@@ -1,0 +1,19 @@
+"""SSTA building blocks (Wu et al., ICML 2022; see ``shared/papers/ssta.md``): per-head attention capture
+on timm ViTs and the choice of the teacher's / teaching assistant's head. The loss terms that use them live in
+``repro/methods/ssta.py`` (``ssta_attn``, ``deit_hard``) and ``repro/methods/ssl_pretrain.py``."""
+from repro.ssta.attention import AttentionCapture, attention_kl, block_attention, dist_token_index, unwrap_vit
+from repro.ssta.head_importance import (
+    HeadSelection,
+    attention_entropy,
+    file_fingerprint,
+    gradient_head_importance,
+    model_fingerprint,
+    select_heads,
+    select_heads_cached,
+)
+
+__all__ = [
+    "AttentionCapture", "HeadSelection", "attention_entropy", "attention_kl", "block_attention",
+    "dist_token_index", "file_fingerprint", "gradient_head_importance", "model_fingerprint", "select_heads",
+    "select_heads_cached", "unwrap_vit",
+]

@@ -1,0 +1,139 @@
+"""The run store: ``runs/<run-id>/`` holds everything needed to audit one number.
+
+- ``config.json``   the fully resolved config whose hash is the run id
+- ``metrics.jsonl`` one line per epoch (lr, each loss term, test top-1/top-5, predictive entropy, wall time)
+- ``checkpoint.pt`` the last epoch's full state (model, optimizer, terms, epoch, every RNG state)
+- ``model.pt``      the final weights (what a student run loads when this run is its teacher)
+- ``result.json``   the outcome (best/last top-1, status, device, versions, commit, deviations)
+
+Every write is atomic (temp file + fsync + rename), so a run killed at any moment leaves either the previous or the
+next complete file, never a torn one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from repro.errors import ReproError
+
+# Fields that say where things are on this machine, not what is computed: excluded from the run id.
+NON_IDENTITY_PATHS = (("recipe", "data", "root"), ("recipe", "data", "download"), ("recipe", "teachers", "root"))
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def run_id_of(config: dict[str, Any]) -> str:
+    identity = json.loads(canonical_json(config))
+    for path in NON_IDENTITY_PATHS:
+        node = identity
+        for key in path[:-1]:
+            node = node.get(key, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(path[-1], None)
+    return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:16]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def atomic_torch_save(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    os.chmod(tmp, 0o644)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def default_store_root() -> Path:
+    return Path(os.environ.get("REPRO_RUNS", "runs"))
+
+
+class RunStore:
+    def __init__(self, root: Optional[Path] = None) -> None:
+        self.root = Path(root) if root is not None else default_store_root()
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.root / run_id
+
+    def result(self, run_id: str) -> Optional[dict[str, Any]]:
+        path = self.run_dir(run_id) / "result.json"
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ReproError(f"run store: {path} is unreadable ({err}); move it away to re-run that run") from None
+
+    def is_done(self, run_id: str) -> bool:
+        result = self.result(run_id)
+        return result is not None and result.get("status") == "done"
+
+    def is_finished(self, run_id: str) -> bool:
+        """Done or failed: a finished run is never run again (``--retry-failed`` re-runs failures)."""
+        return self.result(run_id) is not None
+
+    def config(self, run_id: str) -> Optional[dict[str, Any]]:
+        path = self.run_dir(run_id) / "config.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def write_config(self, run_id: str, config: dict[str, Any]) -> None:
+        atomic_write_json(self.run_dir(run_id) / "config.json", config)
+
+    def write_result(self, run_id: str, result: dict[str, Any]) -> None:
+        atomic_write_json(self.run_dir(run_id) / "result.json", result)
+
+    def clear_result(self, run_id: str) -> None:
+        (self.run_dir(run_id) / "result.json").unlink(missing_ok=True)
+
+    def write_metrics(self, run_id: str, history: list[dict[str, Any]]) -> None:
+        lines = "".join(json.dumps(row, sort_keys=True) + "\n" for row in history)
+        atomic_write_bytes(self.run_dir(run_id) / "metrics.jsonl", lines.encode())
+
+    def metrics(self, run_id: str) -> list[dict[str, Any]]:
+        path = self.run_dir(run_id) / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def checkpoint_path(self, run_id: str) -> Path:
+        return self.run_dir(run_id) / "checkpoint.pt"
+
+    def model_path(self, run_id: str) -> Path:
+        return self.run_dir(run_id) / "model.pt"
+
+    def run_ids(self) -> Iterator[str]:
+        if self.root.is_dir():
+            for child in sorted(self.root.iterdir()):
+                if (child / "config.json").is_file():
+                    yield child.name

@@ -1,0 +1,341 @@
+"""Teacher checkpoints in RepDistiller's format: load, save, fetch and pin by sha256.
+
+RepDistiller (and WTTM, which reuses its scripts) stores a trained network as ``torch.save({'model':
+state_dict, 'epoch': ..., ...})`` at ``<root>/<arch>_vanilla/ckpt_epoch_240.pth``. The original download host
+(shape2prog.csail.mit.edu) is dead; the surviving public copy is mdistiller's release ``cifar_teachers.tar``
+(anchors.md finding 4). Since a re-uploaded or truncated file would silently change every distillation number,
+``fetch_teachers`` records each file's sha256 in a lock file the first time it is obtained and every later use
+(``verify_teacher``) refuses a file whose hash differs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from repro.errors import ReproError
+from repro.models import create_model
+
+log = logging.getLogger(__name__)
+
+# CRD's teacher top-1 on CIFAR-100 (Tian et al., ICLR 2020, Table 1/2), as quoted in WTTM Tables 1 and 3
+# (wttm.md 3.2). The teacher-accuracy gate compares a loaded checkpoint against these.
+EXPECTED_TEACHER_TOP1: dict[str, float] = {
+    "wrn_40_2": 75.61,
+    "resnet56": 72.34,
+    "resnet110": 74.31,
+    "resnet32x4": 79.42,
+    "vgg13": 74.64,
+    "ResNet50": 79.34,
+}
+TEACHER_ARCHS: tuple[str, ...] = tuple(EXPECTED_TEACHER_TOP1)
+
+CHECKPOINT_NAME = "ckpt_epoch_240.pth"
+# mdistiller's GitHub release: a tar of cifar_teachers/<arch>_vanilla/ckpt_epoch_240.pth.
+BUNDLE_URL = "https://github.com/megvii-research/mdistiller/releases/download/checkpoints/cifar_teachers.tar"
+# RepDistiller's original per-file host, dead since ~2022; kept as a fallback mirror in case it returns.
+LEGACY_URL_TEMPLATE = "http://shape2prog.csail.mit.edu/repo/{arch}_vanilla/ckpt_epoch_240.pth"
+# A source is either a tar bundle URL or a per-file URL template containing "{arch}"; tried in order.
+DEFAULT_SOURCES: tuple[str, ...] = (BUNDLE_URL, LEGACY_URL_TEMPLATE)
+DEFAULT_LOCK_PATH = Path(__file__).with_name("teachers.lock.json")
+_DOWNLOAD_TIMEOUT_S = 60
+
+
+# ----------------------------------------------------------------------------------------------- paths, hashes
+
+
+def teacher_path(arch: str, root: str | os.PathLike[str]) -> Path:
+    """The canonical location ``<root>/<arch>_vanilla/ckpt_epoch_240.pth`` (RepDistiller's layout)."""
+    return Path(root) / f"{arch}_vanilla" / CHECKPOINT_NAME
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_lock(lock_path: str | os.PathLike[str] = DEFAULT_LOCK_PATH) -> dict[str, dict[str, str]]:
+    """The lock file's entries ``{arch: {"file", "sha256", "source"}}``; a missing lock file is empty."""
+    lock_path = Path(lock_path)
+    if not lock_path.is_file():
+        return {}
+    try:
+        lock = json.loads(lock_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ReproError(f"cannot read teacher lock file {lock_path}: {err}") from err
+    if not isinstance(lock, dict):
+        raise ReproError(f"teacher lock file {lock_path} must hold a JSON object, got {type(lock).__name__}")
+    return lock
+
+
+def _write_lock(lock_path: Path, lock: Mapping[str, Any]) -> None:
+    text = json.dumps(dict(sorted(lock.items())), indent=2) + "\n"
+    try:
+        _atomic_write_bytes(lock_path, text.encode())
+    except OSError as err:
+        raise ReproError(f"cannot write teacher lock file {lock_path}: {err}") from err
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as tmp:
+        tmp.write(data)
+    os.replace(tmp.name, path)
+
+
+def verify_teacher(
+    arch: str, path: str | os.PathLike[str], lock_path: str | os.PathLike[str] = DEFAULT_LOCK_PATH
+) -> str:
+    """Check ``path`` against the sha256 recorded for ``arch``; returns the hash, raises ReproError otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ReproError(f"teacher checkpoint for {arch!r} not found: {path}")
+    entry = read_lock(lock_path).get(arch)
+    if entry is None or "sha256" not in entry:
+        raise ReproError(
+            f"no sha256 recorded for teacher {arch!r} in {lock_path}; run repro.teachers.fetch_teachers "
+            f"(it records the hash of each checkpoint it downloads or finds) before using {path}"
+        )
+    actual = sha256_file(path)
+    if actual != entry["sha256"]:
+        raise ReproError(
+            f"teacher checkpoint {path} for {arch!r} fails its sha256 check: expected {entry['sha256']} "
+            f"(recorded in {lock_path} from {entry.get('source', 'unknown source')}), got {actual}. "
+            "The file is corrupt or not the recorded checkpoint; delete it and fetch it again."
+        )
+    return actual
+
+
+# ---------------------------------------------------------------------------------------------- load and save
+
+
+def load_checkpoint_state(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """The state dict of a RepDistiller checkpoint (``{'model': state_dict, ...}``) or of a bare state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ReproError(f"checkpoint not found: {path}")
+    try:
+        # weights_only: a checkpoint from the internet must not be able to run code while unpickling.
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
+        reason = (str(err).strip().splitlines() or [""])[0][:300]
+        raise ReproError(f"cannot read checkpoint {path} ({type(err).__name__}: {reason})") from err
+    if isinstance(obj, Mapping) and "model" in obj:
+        state = obj["model"]
+    elif _is_state_dict(obj):
+        state = obj
+    else:
+        keys = ", ".join(map(str, list(obj)[:8])) if isinstance(obj, Mapping) else type(obj).__name__
+        raise ReproError(
+            f"checkpoint {path} has no 'model' entry (found: {keys}); expected RepDistiller's format "
+            "{'model': state_dict, 'epoch': ...} or a bare state dict"
+        )
+    if not _is_state_dict(state):
+        raise ReproError(f"the 'model' entry of checkpoint {path} is not a state dict of tensors")
+    return _strip_prefix(dict(state), "module.")
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, Tensor) for v in obj.values())
+
+
+def _strip_prefix(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    # Checkpoints saved from a DataParallel/DDP wrapper prefix every key with "module.".
+    if all(key.startswith(prefix) for key in state):
+        return {key[len(prefix):]: value for key, value in state.items()}
+    return state
+
+
+def load_teacher(arch: str, path: str | os.PathLike[str], num_classes: int = 100) -> nn.Module:
+    """Build ``create_model(arch)`` and load the checkpoint strictly; the model is returned in eval mode."""
+    state = load_checkpoint_state(path)
+    model = create_model(arch, num_classes=num_classes)
+    expected = model.state_dict()
+    # BatchNorm's num_batches_tracked counters (absent from pre-0.4.1 checkpoints) do not affect inference.
+    for key, value in expected.items():
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = value
+    _check_state_fits(state, expected, arch, Path(path), num_classes)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def _check_state_fits(
+    state: Mapping[str, Tensor], expected: Mapping[str, Tensor], arch: str, path: Path, num_classes: int
+) -> None:
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    shapes = [
+        f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(value.shape)}"
+        for key, value in expected.items()
+        if key in state and state[key].shape != value.shape
+    ]
+    problems = [
+        f"{len(items)} {label} (e.g. {', '.join(items[:3])})"
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+        if items
+    ]
+    if problems:
+        raise ReproError(
+            f"checkpoint {path} does not fit model {arch!r} (num_classes={num_classes}): " + "; ".join(problems)
+        )
+
+
+def save_checkpoint_repdistiller(model: nn.Module, path: str | os.PathLike[str], epoch: int = 240) -> Path:
+    """Write ``{'model': state_dict, 'epoch': epoch}``, loadable by RepDistiller, mdistiller and ``load_teacher``."""
+    path = Path(path)
+    model = getattr(model, "module", model)  # DataParallel / DDP
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": state, "epoch": epoch}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- fetch
+
+
+class _DownloadError(Exception):
+    """A source could not provide a file (no network, HTTP error, not a tar, file absent from the tar)."""
+
+
+def fetch_teachers(
+    dest_dir: str | os.PathLike[str],
+    archs: Sequence[str] = TEACHER_ARCHS,
+    lock_path: str | os.PathLike[str] = DEFAULT_LOCK_PATH,
+    urls: Sequence[str] = DEFAULT_SOURCES,
+) -> dict[str, Path]:
+    """Make ``<dest_dir>/<arch>_vanilla/ckpt_epoch_240.pth`` present and verified for every arch.
+
+    Missing files are downloaded from ``urls`` in order (tar bundles, or per-file templates with ``{arch}``).
+    A file with no lock entry (first download, or placed by hand) gets its sha256 recorded in ``lock_path``;
+    a file with an entry must match it. Returns ``{arch: path}``.
+    """
+    dest = Path(dest_dir)
+    sources = _download_missing(dest, list(archs), list(urls))
+    lock = read_lock(lock_path)
+    for arch in archs:
+        path = teacher_path(arch, dest)
+        if arch in lock:
+            verify_teacher(arch, path, lock_path)
+            continue
+        lock[arch] = {
+            "file": path.relative_to(dest).as_posix(),
+            "sha256": sha256_file(path),
+            "source": sources.get(arch, "local file (present before fetch)"),
+        }
+        _write_lock(Path(lock_path), lock)
+        log.info("recorded sha256 of %s in %s", path, lock_path)
+    return {arch: teacher_path(arch, dest) for arch in archs}
+
+
+def _download_missing(dest: Path, archs: list[str], urls: list[str]) -> dict[str, str]:
+    """Fetch the archs whose file is absent; returns {arch: url it came from}."""
+    missing = [arch for arch in archs if not teacher_path(arch, dest).is_file()]
+    obtained: dict[str, str] = {}
+    failures: list[str] = []
+    for url in urls:
+        if not missing:
+            break
+        try:
+            got = _fetch_per_file(url, missing, dest) if "{arch}" in url else _fetch_bundle(url, missing, dest)
+        except _DownloadError as err:
+            failures.append(f"{url}: {err}")
+            continue
+        obtained.update(got)
+        missing = [arch for arch in missing if arch not in got]
+    if missing:
+        places = ", ".join(str(teacher_path(arch, dest)) for arch in missing)
+        raise ReproError(
+            f"could not download teacher checkpoints for {', '.join(missing)} "
+            f"({'; '.join(failures) or 'no sources given'}). Without network access, get {BUNDLE_URL} elsewhere "
+            f"and put each file at {dest}/<arch>_vanilla/{CHECKPOINT_NAME} (here: {places}), then rerun."
+        )
+    return obtained
+
+
+def _download(url: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".part")
+    log.info("downloading %s -> %s", url, target)
+    try:
+        with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response, open(partial, "wb") as out:
+            shutil.copyfileobj(response, out, 1 << 20)
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        partial.unlink(missing_ok=True)
+        raise _DownloadError(str(getattr(err, "reason", err))) from err
+    os.replace(partial, target)
+
+
+def _fetch_per_file(template: str, archs: list[str], dest: Path) -> dict[str, str]:
+    got: dict[str, str] = {}
+    errors: list[str] = []
+    for arch in archs:
+        url = template.format(arch=arch)
+        try:
+            _download(url, teacher_path(arch, dest))
+            got[arch] = url
+        except _DownloadError as err:
+            errors.append(f"{arch}: {err}")
+    if not got:
+        raise _DownloadError("; ".join(errors))
+    return got
+
+
+def _fetch_bundle(url: str, archs: list[str], dest: Path) -> dict[str, str]:
+    """Download a tar and copy out ``.../<arch>_vanilla/ckpt_epoch_240.pth`` for the requested archs only."""
+    with tempfile.TemporaryDirectory(dir=_ensure_dir(dest), prefix=".teachers-download-") as staging:
+        archive = Path(staging) / "bundle.tar"
+        _download(url, archive)
+        wanted = {arch: re.compile(rf"(^|/){re.escape(arch)}_vanilla/{re.escape(CHECKPOINT_NAME)}$") for arch in archs}
+        got: dict[str, str] = {}
+        try:
+            with tarfile.open(archive) as bundle:
+                for member in bundle.getmembers():
+                    arch = next((a for a, pattern in wanted.items() if member.isfile() and pattern.search(member.name)), None)
+                    if arch is None or arch in got:
+                        continue
+                    # Copy the member's bytes ourselves instead of extractall: no path from the archive is trusted.
+                    _copy_member(bundle, member, teacher_path(arch, dest))
+                    got[arch] = url
+        except tarfile.TarError as err:
+            raise _DownloadError(f"not a readable tar archive ({err})") from err
+    if not got:
+        raise _DownloadError(f"the archive holds none of {', '.join(f'{a}_vanilla/{CHECKPOINT_NAME}' for a in archs)}")
+    return got
+
+
+def _copy_member(bundle: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> None:
+    source = bundle.extractfile(member)
+    if source is None:
+        raise _DownloadError(f"cannot read {member.name} from the archive")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".part")
+    with source, open(partial, "wb") as out:
+        shutil.copyfileobj(source, out, 1 << 20)
+    os.replace(partial, target)
+
+
+def _ensure_dir(path: Path) -> Path:
+    """Downloads are staged inside the destination (same filesystem, so the final moves are cheap)."""
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,155 @@
+"""Head selection: gradient importance finds a head that is decisive by construction; other rules; the cache."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from repro.errors import ReproError
+from repro.methods import Batch
+from repro.models import create_model
+from repro.ssta.head_importance import (
+    gradient_head_importance,
+    head_mask,
+    model_fingerprint,
+    pick_heads,
+    select_heads,
+    select_heads_cached,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models: one intra-op thread is faster than two on a shared 2-core machine (no oversubscription).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _silence_heads(model, keep: dict[int, int]) -> None:
+    """Zero the output-projection columns of every head except ``keep[layer]`` (layers not in keep: all)."""
+    with torch.no_grad():
+        for layer, block in enumerate(model.vit.blocks):
+            attn = block.attn
+            for head in range(attn.num_heads):
+                if keep.get(layer, -1) != head:
+                    attn.proj.weight[:, head * attn.head_dim:(head + 1) * attn.head_dim] = 0
+
+
+def _batches(count=2, size=4, classes=5, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 3, 32, 32, generator=generator), torch.randint(classes, (size,), generator=generator))
+            for _ in range(count)]
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return create_model("vit_smoke_tiny", num_classes=5)
+
+
+def test_decisive_last_layer_head_is_picked(model):
+    _silence_heads(model, {0: 0, 1: 1, 2: 2, 3: 1})  # last layer: only head 1 reaches the output
+    model.train()
+    flags = [p.requires_grad for p in model.parameters()]
+    selection = select_heads(model, "importance", _batches(), loss="ce")
+    assert selection.pairs == [(3, 1)] and (selection.layer, selection.head) == (3, 1)
+    last = selection.scores[-1]
+    assert last[0] == 0 and last[2] == 0 and last[1] == pytest.approx(1.0)  # per-layer L2 normalisation
+    assert model.training and [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_global_and_per_layer_scopes(model):
+    _silence_heads(model, {1: 2})  # one head in the whole network carries signal
+    scores = gradient_head_importance(model, _batches(), lambda m, x, y: nn.functional.cross_entropy(m(x), y))
+    assert scores.shape == (4, 3)
+    assert pick_heads(scores, "global") == [(1, 2)]
+    per_layer = pick_heads(scores, "per_layer")
+    assert len(per_layer) == 4 and per_layer[1] == (1, 2)
+
+
+def test_label_free_and_probe_losses_find_the_decisive_head():
+    torch.manual_seed(1)
+    ssl_model = create_model("vit_smoke_tiny", num_classes=0)  # an SSL TA: no classifier
+    _silence_heads(ssl_model, {0: 0, 1: 0, 2: 0, 3: 2})
+    unlabeled = [images for images, _ in _batches()]
+    assert select_heads(ssl_model, "importance", unlabeled, loss="feature").pairs == [(3, 2)]
+    probe = nn.Linear(96, 5)
+    assert select_heads(ssl_model, "importance", _batches(), loss="probe", probe=probe).pairs == [(3, 2)]
+    with pytest.raises(ReproError, match="classifier"):
+        select_heads(ssl_model, "importance", _batches(), loss="ce")
+    with pytest.raises(ReproError, match="probe"):
+        select_heads(ssl_model, "importance", _batches(), loss="probe")
+
+
+def test_batches_of_batch_objects_and_image_limit(model):
+    _silence_heads(model, {3: 0})
+    batches = [Batch(images=x, targets=y, labels=y, indices=torch.arange(4), epoch=1) for x, y in _batches(3)]
+    assert select_heads(model, "importance", batches, max_images=5).pairs == [(3, 0)]
+    with pytest.raises(ReproError, match="no images"):
+        select_heads(model, "importance", [], loss="ce")
+
+
+def test_head_mask_scales_head_outputs(model):
+    model.eval()
+    images = _batches(1)[0][0]
+    with torch.no_grad():
+        reference = model(images)
+        with head_mask(model) as mask:
+            unchanged = model(images)
+            mask[-1, 0] = 0.0
+            masked = model(images)
+        after = model(images)  # hooks removed on exit
+        attn = model.vit.blocks[-1].attn
+        attn.proj.weight[:, :attn.head_dim] = 0  # the same as removing head 0's context before proj
+        silenced = model(images)
+    torch.testing.assert_close(unchanged, reference)
+    torch.testing.assert_close(after, reference)
+    torch.testing.assert_close(masked, silenced)
+    assert not torch.allclose(masked, reference)
+
+
+def test_entropy_rule_finds_the_uniform_head(model):
+    with torch.no_grad():  # zero queries of head 1 in the last layer: uniform attention, maximal entropy
+        attn = model.vit.blocks[-1].attn
+        attn.qkv.weight[32:64] = 0
+        attn.qkv.bias[32:64] = 0
+    selection = select_heads(model, "entropy", _batches(), prefer="high")
+    assert selection.pairs == [(3, 1)]
+    assert selection.scores[-1][1] == pytest.approx(torch.log(torch.tensor(65.0)).item(), rel=1e-4)
+    assert select_heads(model, "entropy", _batches(), prefer="low").pairs[0][1] != 1
+
+
+def test_fixed_all_random_rules(model):
+    assert select_heads(model, "fixed", layer=-1, head=2).pairs == [(3, 2)]
+    everything = select_heads(model, "all", layer=2)
+    assert everything.pairs == [(2, 0), (2, 1), (2, 2)] and everything.heads_of_layer() == [0, 1, 2]
+    with pytest.raises(ReproError, match="3 heads"):
+        everything.head
+    first = select_heads(model, "random", seed=3)
+    assert first.pairs == select_heads(model, "random", seed=3).pairs and 0 <= first.head < 3
+    with pytest.raises(ReproError, match="out of range"):
+        select_heads(model, "fixed", layer=0, head=5)
+    with pytest.raises(ReproError, match="unknown head-selection rule"):
+        select_heads(model, "oracle")
+
+
+def test_selection_cache(tmp_path, model):
+    _silence_heads(model, {3: 2})
+    first = select_heads_cached(tmp_path, model, "importance", _batches(), loss="ce", max_images=8)
+    files = list(tmp_path.glob("heads-importance-*.json"))
+    assert first.pairs == [(3, 2)] and len(files) == 1
+    stored = json.loads(files[0].read_text())
+    assert stored["fingerprint"] == model_fingerprint(model) and stored["config"]["loss"] == "ce"
+    cached = select_heads_cached(tmp_path, model, "importance", None, loss="ce", max_images=8)  # no images needed
+    assert cached.pairs == first.pairs and cached.scores == first.scores
+    select_heads_cached(tmp_path, model, "importance", _batches(), loss="ce", max_images=4)
+    assert len(list(tmp_path.glob("heads-importance-*.json"))) == 2  # other options, other entry
+    with torch.no_grad():
+        model.vit.head.bias += 1.0
+    with pytest.raises(ReproError, match="needs images"):  # other weights: recomputed, not read
+        select_heads_cached(tmp_path, model, "importance", None, loss="ce", max_images=8)

@@ -1,0 +1,260 @@
+"""Teacher checkpoints: RepDistiller format round trip, clear errors, fetch from a tar, sha256 pinning."""
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from repro.errors import ReproError
+from repro.models import MODELS, create_model, model_names
+from repro.teachers import (
+    BUNDLE_URL,
+    DEFAULT_LOCK_PATH,
+    EXPECTED_TEACHER_TOP1,
+    TEACHER_ARCHS,
+    fetch_teachers,
+    load_checkpoint_state,
+    load_teacher,
+    read_lock,
+    save_checkpoint_repdistiller,
+    sha256_file,
+    teacher_path,
+    verify_teacher,
+)
+
+SMALL_TEACHERS = ("resnet56", "wrn_40_2")  # real teacher archs that are cheap to build and save
+
+
+def cifar_zoo() -> list[str]:
+    """Every model registered by the CIFAR family (``mobile_half`` is an alias of ``MobileNetV2``)."""
+    model_names()  # imports the families
+    return [n for n, f in MODELS.items() if f.__module__.startswith("repro.models.cifar.") and n != "mobile_half"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors on shared CI cores: intra-op threads only add contention. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-default BN statistics too, so a load that skipped buffers would change the outputs."""
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def outputs(model: nn.Module) -> torch.Tensor:
+    torch.manual_seed(123)
+    with torch.no_grad():
+        return model(torch.randn(2, 3, 32, 32))
+
+
+@pytest.fixture
+def bundle(tmp_path: Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """A local mdistiller-style tar: cifar_teachers/<arch>_vanilla/ckpt_epoch_240.pth; returns (url, outputs)."""
+    source = tmp_path / "build" / "cifar_teachers"
+    expected = {}
+    for seed, arch in enumerate(SMALL_TEACHERS):
+        model = randomised(create_model(arch), seed)
+        save_checkpoint_repdistiller(model, teacher_path(arch, source))
+        expected[arch] = outputs(model)
+    archive = tmp_path / "cifar_teachers.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(source, arcname="cifar_teachers")
+    return archive.as_uri(), expected
+
+
+# ------------------------------------------------------------------------------------------------ round trip
+
+
+@pytest.mark.parametrize("arch", cifar_zoo())
+def test_every_zoo_model_round_trips_through_repdistiller_format(arch: str, tmp_path: Path) -> None:
+    model = randomised(create_model(arch, num_classes=10))
+    path = save_checkpoint_repdistiller(model, tmp_path / f"{arch}_vanilla" / "ckpt_epoch_240.pth", epoch=7)
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    assert raw["epoch"] == 7 and set(raw["model"]) == set(model.state_dict())
+    loaded = load_teacher(arch, path, num_classes=10)
+    assert not loaded.training
+    torch.testing.assert_close(outputs(loaded), outputs(model), rtol=0, atol=0)
+
+
+def test_bare_and_dataparallel_state_dicts_are_accepted(tmp_path: Path) -> None:
+    model = randomised(create_model("resnet8"))
+    bare = tmp_path / "bare.pth"
+    torch.save(model.state_dict(), bare)
+    prefixed = tmp_path / "dp.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}}, prefixed)
+    for path in (bare, prefixed):
+        torch.testing.assert_close(outputs(load_teacher("resnet8", path)), outputs(model))
+
+
+def test_missing_num_batches_tracked_is_tolerated(tmp_path: Path) -> None:
+    # Checkpoints from PyTorch < 0.4.1 have no BN batch counters; they do not affect inference.
+    model = randomised(create_model("resnet8"))
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save({"model": state}, tmp_path / "old.pth")
+    torch.testing.assert_close(outputs(load_teacher("resnet8", tmp_path / "old.pth")), outputs(model))
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+
+
+def test_missing_checkpoint_names_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "resnet56_vanilla" / "ckpt_epoch_240.pth"
+    with pytest.raises(ReproError, match="not found") as err:
+        load_teacher("resnet56", missing)
+    assert str(missing) in str(err.value)
+    with pytest.raises(ReproError) as err:
+        verify_teacher("resnet56", missing, tmp_path / "lock.json")
+    assert str(missing) in str(err.value)
+
+
+def test_unreadable_checkpoint_is_refused(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"<html>404 Not Found</html>" * 10)
+    with pytest.raises(ReproError, match="cannot read checkpoint") as err:
+        load_teacher("resnet56", junk)
+    assert str(junk) in str(err.value)
+
+
+def test_truncated_checkpoint_is_refused(tmp_path: Path) -> None:
+    path = save_checkpoint_repdistiller(create_model("resnet8"), tmp_path / "full.pth")
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ReproError, match="cannot read checkpoint"):
+        load_checkpoint_state(truncated)
+
+
+def test_checkpoint_without_model_key_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.pth"
+    torch.save({"epoch": 240, "net": create_model("resnet8").state_dict()}, path)
+    with pytest.raises(ReproError, match="no 'model' entry") as err:
+        load_teacher("resnet8", path)
+    assert "epoch" in str(err.value) and "net" in str(err.value)
+
+
+def test_wrong_architecture_names_arch_and_keys(tmp_path: Path) -> None:
+    path = save_checkpoint_repdistiller(create_model("resnet56"), tmp_path / "r56.pth")
+    with pytest.raises(ReproError) as err:
+        load_teacher("resnet110", path)
+    message = str(err.value)
+    assert "'resnet110'" in message and str(path) in message
+    assert "missing keys" in message and "layer1.9." in message
+
+
+def test_wrong_num_classes_reports_shape_mismatch(tmp_path: Path) -> None:
+    path = save_checkpoint_repdistiller(create_model("resnet8", num_classes=10), tmp_path / "r8.pth")
+    with pytest.raises(ReproError, match=r"shape mismatches .*fc\.weight: checkpoint \(10, 64\) vs model \(100, 64\)"):
+        load_teacher("resnet8", path, num_classes=100)
+
+
+# ---------------------------------------------------------------------------------------------- fetch + lock
+
+
+def test_fetch_from_tar_records_lock_and_second_fetch_verifies(tmp_path: Path, bundle) -> None:
+    url, expected = bundle
+    dest, lock_path = tmp_path / "teachers", tmp_path / "teachers.lock.json"
+    paths = fetch_teachers(dest, archs=SMALL_TEACHERS, lock_path=lock_path, urls=[url])
+    lock = json.loads(lock_path.read_text())
+    assert set(lock) == set(SMALL_TEACHERS)
+    for arch in SMALL_TEACHERS:
+        assert paths[arch] == teacher_path(arch, dest) == dest / f"{arch}_vanilla" / "ckpt_epoch_240.pth"
+        assert lock[arch] == {
+            "file": f"{arch}_vanilla/ckpt_epoch_240.pth",
+            "sha256": sha256_file(paths[arch]),
+            "source": url,
+        }
+        assert verify_teacher(arch, paths[arch], lock_path) == lock[arch]["sha256"]
+        torch.testing.assert_close(outputs(load_teacher(arch, paths[arch])), expected[arch], rtol=0, atol=0)
+    assert not any(p.name.startswith(".teachers-download") for p in dest.iterdir())  # staging cleaned up
+
+    # The files are present and pinned: a second fetch needs no source at all and leaves the lock alone.
+    before = lock_path.read_text()
+    fetch_teachers(dest, archs=SMALL_TEACHERS, lock_path=lock_path, urls=[(tmp_path / "gone.tar").as_uri()])
+    assert lock_path.read_text() == before
+
+
+def test_flipped_byte_is_refused_by_sha256(tmp_path: Path, bundle) -> None:
+    url, _ = bundle
+    dest, lock_path = tmp_path / "teachers", tmp_path / "lock.json"
+    path = fetch_teachers(dest, archs=["resnet56"], lock_path=lock_path, urls=[url])["resnet56"]
+    recorded = read_lock(lock_path)["resnet56"]["sha256"]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside the tensor data: torch would still load this file
+    path.write_bytes(bytes(data))
+    with pytest.raises(ReproError, match="sha256") as err:
+        verify_teacher("resnet56", path, lock_path)
+    message = str(err.value)
+    assert recorded in message and sha256_file(path) in message and str(path) in message
+    with pytest.raises(ReproError, match="sha256"):
+        fetch_teachers(dest, archs=["resnet56"], lock_path=lock_path, urls=[url])
+
+
+def test_download_that_differs_from_the_lock_is_refused(tmp_path: Path, bundle) -> None:
+    url, _ = bundle
+    lock_path = tmp_path / "lock.json"
+    pinned = {"file": "resnet56_vanilla/ckpt_epoch_240.pth", "sha256": "0" * 64, "source": BUNDLE_URL}
+    lock_path.write_text(json.dumps({"resnet56": pinned}))
+    with pytest.raises(ReproError, match="expected 0{64}"):
+        fetch_teachers(tmp_path / "teachers", archs=["resnet56"], lock_path=lock_path, urls=[url])
+    assert read_lock(lock_path)["resnet56"] == pinned  # the lock is never rewritten to fit a new file
+
+
+def test_fetch_falls_back_to_a_per_file_mirror(tmp_path: Path, bundle) -> None:
+    url, _ = bundle
+    mirror = tmp_path / "build" / "cifar_teachers"  # the bundle fixture's source tree, served per file
+    template = mirror.as_uri() + "/{arch}_vanilla/ckpt_epoch_240.pth"
+    lock_path = tmp_path / "lock.json"
+    dead = (tmp_path / "dead.tar").as_uri()
+    paths = fetch_teachers(tmp_path / "teachers", archs=["wrn_40_2"], lock_path=lock_path, urls=[dead, template])
+    entry = read_lock(lock_path)["wrn_40_2"]
+    assert entry["source"] == template.format(arch="wrn_40_2")
+    assert entry["sha256"] == sha256_file(paths["wrn_40_2"])
+
+
+def test_hand_placed_file_is_pinned_on_first_fetch(tmp_path: Path) -> None:
+    dest, lock_path = tmp_path / "teachers", tmp_path / "lock.json"
+    path = save_checkpoint_repdistiller(create_model("resnet56"), teacher_path("resnet56", dest))
+    fetch_teachers(dest, archs=["resnet56"], lock_path=lock_path, urls=[])
+    entry = read_lock(lock_path)["resnet56"]
+    assert entry["sha256"] == sha256_file(path) and "local" in entry["source"]
+
+
+def test_no_network_says_where_to_put_the_files(tmp_path: Path) -> None:
+    dest = tmp_path / "teachers"
+    unreachable = [(tmp_path / "nowhere.tar").as_uri(), tmp_path.as_uri() + "/{arch}.pth"]
+    with pytest.raises(ReproError) as err:
+        fetch_teachers(dest, archs=["resnet56", "vgg13"], lock_path=tmp_path / "lock.json", urls=unreachable)
+    message = str(err.value)
+    assert f"{dest}/<arch>_vanilla/ckpt_epoch_240.pth" in message
+    assert str(teacher_path("vgg13", dest)) in message and BUNDLE_URL in message
+    assert not (tmp_path / "lock.json").exists()
+
+
+def test_verify_without_lock_entry_is_refused(tmp_path: Path) -> None:
+    path = save_checkpoint_repdistiller(create_model("resnet8"), tmp_path / "r8.pth")
+    with pytest.raises(ReproError, match="no sha256 recorded for teacher 'resnet56'"):
+        verify_teacher("resnet56", path, tmp_path / "lock.json")
+
+
+# ------------------------------------------------------------------------------------------- shipped metadata
+
+
+def test_shipped_lock_and_expected_accuracies() -> None:
+    lock = read_lock(DEFAULT_LOCK_PATH)
+    for arch, entry in lock.items():  # empty until the first real download; then every entry is complete
+        assert arch in TEACHER_ARCHS and set(entry) == {"file", "sha256", "source"}
+    assert set(TEACHER_ARCHS) == {"wrn_40_2", "resnet56", "resnet110", "resnet32x4", "vgg13", "ResNet50"}
+    assert set(EXPECTED_TEACHER_TOP1) <= set(model_names())
+    assert EXPECTED_TEACHER_TOP1["resnet32x4"] == 79.42 and EXPECTED_TEACHER_TOP1["ResNet50"] == 79.34
