@@ -44,9 +44,10 @@ def _adamw(modules: Iterable[nn.Module], cfg: OptimizerConfig, lr: float) -> tor
 
 @SCHEDULES.register("multistep")
 def _multistep(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epochs: int) -> Scheduler:
-    # Stepped with the 0-based epoch t at each epoch start: lr = base * gamma^#(milestones <= t), i.e. the
-    # official `adjust_learning_rate` (1-based epoch e: #(milestones < e)); epoch 151 is the first at base/10.
-    return MultiStepLRScheduler(optimizer, decay_t=list(cfg.milestones), decay_rate=cfg.gamma,
+    # Official `adjust_learning_rate`: at 1-based epoch e, lr = base * gamma^#(milestones < e), so epoch 151 is
+    # the first at base/10. We step with t = e - 1 and timm counts bisect_right(decay_t, t + 1) = #(decay_t <= e),
+    # hence decay_t = milestone + 1 (tests/test_schedule.py pins this against the official formula).
+    return MultiStepLRScheduler(optimizer, decay_t=[m + 1 for m in cfg.milestones], decay_rate=cfg.gamma,
                                 warmup_t=cfg.warmup_epochs, warmup_lr_init=cfg.warmup_lr, t_in_epochs=True)
 
 

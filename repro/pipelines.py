@@ -43,7 +43,9 @@ PIPELINES: Registry[PipelineFactory] = Registry("data pipeline")
 
 
 def data_root(recipe: Recipe) -> Path:
-    return Path(recipe.data.root or os.environ.get("REPRO_DATA", "data"))
+    """``$REPRO_DATA`` (default ``./data``), joined with the recipe's ``data.root`` when that is relative."""
+    base = Path(os.environ.get("REPRO_DATA", "data"))
+    return base / recipe.data.root if recipe.data.root else base
 
 
 def _subset(dataset: Any, n: Optional[int]) -> Any:

@@ -82,12 +82,15 @@ class Planner:
         losses = resolve_losses(method, cell)
         teacher_id = self._teacher_run(cell.teacher) if method.needs_teacher() else None
         assistants = {"ta": self._assistant_run(cell.assistant)} if cell.assistant else {}
+        init_id = self._pretrain_run(cell.student)
         ids = []
         for seed in range(n_seeds):
-            config = self._train_config(cell.student, losses, seed, teacher_id, assistants)
+            config = self._train_config(cell.student, losses, seed, teacher_id, assistants, method)
+            if init_id:
+                config["init"] = {"run": init_id}
             label = f"{cell.student} <- {cell.teacher}  {cell.method}  seed {seed}" if teacher_id else \
                 f"{cell.student}  {cell.method}  seed {seed}"
-            deps = [d for d in [teacher_id, *assistants.values()] if d]
+            deps = [d for d in [teacher_id, init_id, *assistants.values()] if d]
             ids.append(self._add(config, label, deps))
         return CellRuns(cell, method, ids)
 
@@ -109,11 +112,17 @@ class Planner:
     def _model(self, key: str) -> dict[str, Any]:
         mdef = self.spec.model_def(key)
         args = deep_merge(self.recipe.model_args, mdef.args)
-        return {"arch": mdef.arch or key, "num_classes": mdef.num_classes or self.spec.num_classes, "args": args}
+        return {"arch": self.spec.arch_of(key, self.tier), "num_classes": mdef.num_classes or self.spec.num_classes,
+                "args": args}
 
     def _train_config(self, key: str, losses: dict[str, dict[str, Any]], seed: int,
-                      teacher_id: Optional[str], assistants: dict[str, str]) -> dict[str, Any]:
+                      teacher_id: Optional[str], assistants: dict[str, str],
+                      method: Optional[MethodDef] = None) -> dict[str, Any]:
         model = self._model(key)
+        recipe = self._recipe_for_arch(model["arch"])
+        if method is not None and method.recipe:
+            recipe = deep_merge(recipe, method.recipe)
+            Recipe.model_validate({**recipe, "lr_by_arch": {}})  # method overrides obey the schema too
         return {
             "kind": "train",
             "tier": self.tier,
@@ -122,7 +131,7 @@ class Planner:
             "teacher": {"run": teacher_id} if teacher_id else None,
             "assistants": {name: {"run": rid} for name, rid in assistants.items()},
             "losses": losses,
-            "recipe": self._recipe_for_arch(model["arch"]),
+            "recipe": recipe,
         }
 
     def _teacher_run(self, key: Optional[str]) -> str:
@@ -133,14 +142,23 @@ class Planner:
             config = self._train_config(key, {"ce": {"weight": 1.0}}, source.seed, None, {})
             if source.epochs:
                 config["recipe"]["epochs"] = source.epochs
-            return self._add(config, f"{key}  teacher (CE)  seed {source.seed}", [])
-        arch = mdef.arch or key
-        path = Path(mdef.checkpoint) if mdef.checkpoint else teachers_root(self.recipe) / CHECKPOINT_NAME.format(arch=arch)
+            init_id = self._pretrain_run(key)
+            if init_id:
+                config["init"] = {"run": init_id}
+            return self._add(config, f"{key}  teacher (CE)  seed {source.seed}", [init_id] if init_id else [])
+        model = self._model(key)
+        arch = model["arch"]
+        checkpoint = None
+        if source.source == "pretrained":
+            model["args"] = {**model["args"], **({"checkpoint": mdef.checkpoint} if mdef.checkpoint else {"pretrained": True})}
+        else:
+            path = Path(mdef.checkpoint) if mdef.checkpoint else teachers_root(self.recipe) / CHECKPOINT_NAME.format(arch=arch)
+            checkpoint = {"path": str(path), "sha256": file_sha256(path) if path.is_file() else None}
         config = {
             "kind": "eval",
             "tier": self.tier,
-            "model": self._model(key),
-            "checkpoint": {"path": str(path), "sha256": file_sha256(path) if path.is_file() else None},
+            "model": model,
+            "checkpoint": checkpoint,
             "expected_top1": mdef.expected_top1 if mdef.expected_top1 is not None else self._reported_teacher_top1(key),
             "gate_tolerance": source.gate_tolerance if self.teacher_gate else None,
             "recipe": self._recipe_for_arch(arch),
@@ -148,12 +166,18 @@ class Planner:
         return self._add(config, f"{key}  teacher checkpoint (evaluate + gate)", [])
 
     def _assistant_run(self, key: str) -> str:
+        return self._pretrain_run(key) or self._teacher_run(key)
+
+    def _pretrain_run(self, key: str) -> Optional[str]:
+        """The run that first produces model ``key`` when its ModelDef names a ``pretrain`` method."""
         mdef = self.spec.model_def(key)
         if not mdef.pretrain:
-            return self._teacher_run(key)
+            return None
+        if mdef.pretrain not in self.spec.methods:
+            raise ReproError(f"spec {self.spec.id}: model {key!r} names unknown pretrain method {mdef.pretrain!r}")
         method = self.spec.methods[mdef.pretrain]
-        config = self._train_config(key, resolve_losses(method, None), 0, None, {})
-        return self._add(config, f"{key}  assistant pretraining ({mdef.pretrain})", [])
+        config = self._train_config(key, resolve_losses(method, None), 0, None, {}, method)
+        return self._add(config, f"{key}  pretraining ({mdef.pretrain})", [])
 
     def _reported_teacher_top1(self, key: str) -> Optional[float]:
         for cell in self.spec.cells:

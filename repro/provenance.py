@@ -55,3 +55,11 @@ def environment(device: torch.device) -> dict[str, Any]:
         "commit": git_commit(),
         "hostname": platform.node(),
     }
+
+
+def canonical_model_key(model_cfg: dict[str, Any]) -> str:
+    """A stable name for weights that come from a model family's own loader (pretrained tag or local file)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(model_cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -38,11 +38,7 @@ def load_run_model(store: RunStore, run_id: str, device: torch.device) -> tuple[
         raise ReproError(f"run {run_id} has not finished; it cannot be used as a teacher yet")
     model_cfg = config["model"]
     if config["kind"] == "eval":
-        from repro.teachers import load_teacher
-
-        path = Path(config["checkpoint"]["path"])
-        model = load_teacher(model_cfg["arch"], path, num_classes=model_cfg["num_classes"])
-        key = file_sha256(path)
+        model, key = load_eval_model(config)
     else:
         path = store.model_path(run_id)
         model = create_model(model_cfg["arch"], num_classes=model_cfg["num_classes"], **model_cfg.get("args", {}))
@@ -56,6 +52,9 @@ def load_run_model(store: RunStore, run_id: str, device: torch.device) -> tuple[
 
 def resolve_dependencies(config: dict[str, Any], store: RunStore, device: torch.device) -> Resolved:
     resolved = Resolved(assistants={})
+    if config.get("init"):
+        model, _ = load_run_model(store, config["init"]["run"], torch.device("cpu"))
+        resolved.init_state = model.state_dict()
     if config.get("teacher"):
         resolved.teacher, resolved.teacher_key = load_run_model(store, config["teacher"]["run"], device)
     for name, ref in (config.get("assistants") or {}).items():
@@ -63,17 +62,28 @@ def resolve_dependencies(config: dict[str, Any], store: RunStore, device: torch.
     return resolved
 
 
-def evaluate_checkpoint(config: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """A checkpoint teacher's run: verify its sha256 lock, measure its accuracy, apply the accuracy gate."""
+def load_eval_model(config: dict[str, Any]) -> tuple[nn.Module, str]:
+    """The model of an evaluation run: a RepDistiller-format checkpoint (sha256-locked), or whatever the model
+    family loads from its arguments (pretrained weights, a local checkpoint); plus a key naming its weights."""
+    from repro.provenance import canonical_model_key
     from repro.teachers import load_teacher, verify_teacher
 
-    arch = config["model"]["arch"]
+    model_cfg = config["model"]
+    if not config.get("checkpoint"):
+        model = create_model(model_cfg["arch"], num_classes=model_cfg["num_classes"], **model_cfg.get("args", {}))
+        return model, canonical_model_key(model_cfg)
     path = Path(config["checkpoint"]["path"])
     if not path.is_file():
         raise ReproError(f"teacher checkpoint {path} is missing: run `repro teachers fetch` (or put the file there), "
                          f"or use TIER=smoke, whose teachers are trained")
-    verify_teacher(arch, path)
-    model = load_teacher(arch, path, num_classes=config["model"]["num_classes"])
+    verify_teacher(model_cfg["arch"], path)
+    return load_teacher(model_cfg["arch"], path, num_classes=model_cfg["num_classes"]), file_sha256(path)
+
+
+def evaluate_checkpoint(config: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A checkpoint teacher's run: verify its weights, measure its accuracy, apply the accuracy gate."""
+    arch = config["model"]["arch"]
+    model, _ = load_eval_model(config)
     scores = evaluate_model(model, config["recipe"], device)
     result = {"best_top1": scores["top1"], "last_top1": scores["top1"], "best_top5": scores["top5"],
               "last_top5": scores["top5"], "best_epoch": None, "world_size": 1,

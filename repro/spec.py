@@ -79,9 +79,11 @@ class ScheduleConfig(Strict):
 
 
 class TeacherSource(Strict):
-    """Teachers come from a CE training run in the same plan, or from checkpoint files (with a sha256 lock)."""
+    """Where teachers come from: a CE training run in the same plan (``train``), RepDistiller-format checkpoint
+    files with a sha256 lock (``checkpoint``), or the model family's pretrained weights (``pretrained``:
+    torchvision/timm; a model's ``checkpoint`` path is then loaded by the family instead, nothing fetched)."""
 
-    source: Literal["train", "checkpoint"] = "train"
+    source: Literal["train", "checkpoint", "pretrained"] = "train"
     root: Optional[str] = None  # checkpoint folder: <root>/<arch>_vanilla/ckpt_epoch_240.pth
     gate_tolerance: Optional[float] = 0.5  # refuse a teacher this far (points) off its reported accuracy
     seed: int = 0
@@ -125,6 +127,7 @@ class MethodDef(Strict):
     role: Literal["student", "teacher"] = "student"  # "teacher": the cell shows the teacher's own accuracy
     losses: dict[str, Union[float, LossSpec]] = {}
     reported_only: Optional[str] = None  # why this row is not run (e.g. "FitNet is not implemented yet")
+    recipe: dict[str, Any] = {}  # recipe overrides for this method's runs (e.g. a pretraining schedule)
     note: str = ""
 
     def needs_teacher(self) -> bool:
@@ -152,7 +155,9 @@ class ModelDef(Strict):
     args: dict[str, Any] = {}
     checkpoint: Optional[str] = None  # explicit checkpoint file (overrides the teacher source root)
     expected_top1: Optional[float] = None  # for the teacher-accuracy gate
-    pretrain: Optional[str] = None  # a method key: the model is produced by that run first (e.g. SSL TA)
+    # A method key: the model is first produced by a run of that method (a label-free TA, or a student
+    # pretrained before fine-tuning); students start from its weights (``init``), assistants are that run.
+    pretrain: Optional[str] = None
 
 
 class Spec(Strict):
@@ -171,6 +176,9 @@ class Spec(Strict):
     seeds: PositiveInt = 1  # default seeds per cell at the full tier (the paper's run count)
     tier_seeds: dict[Tier, PositiveInt] = {}
     models: dict[str, ModelDef] = {}
+    # Per-tier architecture substitutes, e.g. {smoke: {deit_tiny_patch16_224: vit_smoke_tiny}}: the smoke tier
+    # of a ViT paper runs tiny ViTs through the same code path; the substitution is stamped on the table.
+    tier_models: dict[Tier, dict[str, str]] = {}
     methods: dict[str, MethodDef]
     cells: list[Cell]
     notes: list[str] = []
@@ -203,7 +211,9 @@ class Spec(Strict):
     def model_def(self, key: str) -> ModelDef:
         return self.models.get(key, ModelDef())
 
-    def arch_of(self, key: str) -> str:
+    def arch_of(self, key: str, tier: Optional[str] = None) -> str:
+        if tier is not None and key in self.tier_models.get(tier, {}):
+            return self.tier_models[tier][key]
         return self.model_def(key).arch or key
 
 
@@ -285,8 +295,8 @@ def check_model_names(spec: Spec) -> None:
 
     names = set(model_names())
     keys = {k for c in spec.cells for k in (c.teacher, c.student, c.assistant) if k}
-    for key in sorted(keys):
-        arch = spec.arch_of(key)
+    archs = {spec.arch_of(k) for k in keys} | {a for m in spec.tier_models.values() for a in m.values()}
+    for arch in sorted(archs):
         if arch not in names and arch not in MODELS:
             raise ReproError(f"spec {spec.id}: unknown model {arch!r}; known models: {', '.join(sorted(names))}")
 

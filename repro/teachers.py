@@ -135,8 +135,7 @@ def load_checkpoint_state(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         # weights_only: a checkpoint from the internet must not be able to run code while unpickling.
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
-        reason = (str(err).strip().splitlines() or [""])[0][:300]
-        raise ReproError(f"cannot read checkpoint {path} ({type(err).__name__}: {reason})") from err
+        raise ReproError(f"cannot read checkpoint {path}: {_unreadable_reason(err)}") from err
     if isinstance(obj, Mapping) and "model" in obj:
         state = obj["model"]
     elif _is_state_dict(obj):
@@ -150,6 +149,20 @@ def load_checkpoint_state(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     if not _is_state_dict(state):
         raise ReproError(f"the 'model' entry of checkpoint {path} is not a state dict of tensors")
     return _strip_prefix(dict(state), "module.")
+
+
+def _unreadable_reason(err: Exception) -> str:
+    text = str(err)
+    unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if unsupported:
+        return (
+            f"it pickles {unsupported.group(1)}, which is not unpickled for safety; re-save it as "
+            "{'model': state_dict} (save_checkpoint_repdistiller does)"
+        )
+    if "Weights only load failed" in text:  # torch wraps every unpickling failure in this message
+        return "corrupt, truncated or not written by torch.save"
+    first_line = (text.strip().splitlines() or [""])[0][:300]
+    return f"corrupt, truncated or not written by torch.save ({type(err).__name__}: {first_line})"
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -311,7 +324,7 @@ def _fetch_bundle(url: str, archs: list[str], dest: Path) -> dict[str, str]:
         try:
             with tarfile.open(archive) as bundle:
                 for member in bundle.getmembers():
-                    arch = next((a for a, pattern in wanted.items() if member.isfile() and pattern.search(member.name)), None)
+                    arch = next((a for a, rx in wanted.items() if member.isfile() and rx.search(member.name)), None)
                     if arch is None or arch in got:
                         continue
                     # Copy the member's bytes ourselves instead of extractall: no path from the archive is trusted.

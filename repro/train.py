@@ -44,6 +44,7 @@ class RunFailed(Exception):
 class Resolved:
     """Frozen models a run depends on, already loaded on the device."""
 
+    init_state: Optional[dict[str, torch.Tensor]] = None  # weights the student starts from (fine-tuning)
     teacher: Optional[nn.Module] = None
     teacher_key: Optional[str] = None  # hash of the teacher's weights (keys the teacher-output cache)
     assistants: Optional[dict[str, nn.Module]] = None
@@ -146,6 +147,9 @@ class Trainer:
         model_cfg = self.config["model"]
         torch.manual_seed(self.seed)  # weights depend on the seed alone, not on what the pipeline drew
         student = create_model(model_cfg["arch"], num_classes=model_cfg["num_classes"], **model_cfg.get("args", {}))
+        if self.resolved.init_state is not None:
+            self.deviations.append(f"initialised from run {self.config['init']['run']} "
+                                   f"({load_matching(student, self.resolved.init_state)} tensors)")
         student = student.to(self.device)
         if recipe.channels_last:
             student = student.to(memory_format=torch.channels_last)
@@ -153,7 +157,8 @@ class Trainer:
         ctx = TermContext(student=student, teacher=self.resolved.teacher, num_classes=model_cfg["num_classes"],
                           train_labels=self.data.train_labels.to(self.device), device=self.device,
                           epochs=recipe.epochs, image_size=self.data.image_size,
-                          assistants=self.resolved.assistants or {})
+                          assistants=self.resolved.assistants or {}, sample_batches=self._sample_batches,
+                          cache_dir=self.store.root / ".cache" / "analyses")
         self._probe_feature_dims(ctx)
         terms = {}
         for name, params in self.config["losses"].items():
@@ -166,6 +171,15 @@ class Trainer:
                                                                self.lr)
         self.scheduler = SCHEDULES.get(recipe.schedule.name)(self.optimizer, recipe.schedule, recipe.epochs)
         self.forward_student = torch.compile(student) if recipe.compile else student
+
+    def _sample_batches(self, n: int) -> Any:
+        """The first n batches of epoch 1's order (the loader's order is a function of (seed, epoch) alone, so
+        reading them here changes nothing in training)."""
+        self.data.train.set_epoch(1)
+        for i, batch in enumerate(self.data.train):
+            if i >= n:
+                break
+            yield batch
 
     def _probe_feature_dims(self, ctx: TermContext) -> None:
         """Feature widths for terms with heads (CRD, ITRD), from one no-grad forward on a tiny batch."""
@@ -189,8 +203,11 @@ class Trainer:
         from repro.data.teacher_cache import TeacherCache, cached_teacher_fn
 
         norm = self.recipe.normalization
-        cache = TeacherCache.open(self.store.root / ".cache" / "teacher_outputs", teacher_key=self.resolved.teacher_key,
-                                  data_fingerprint=self.data.fingerprint, normalization=(tuple(norm.mean), tuple(norm.std)),
+        # The key covers everything that changes the teacher's outputs: its weights and the numerics it runs with.
+        teacher_key = f"{self.resolved.teacher_key}|{self.recipe.precision}|cl={self.recipe.channels_last}"
+        cache = TeacherCache.open(self.store.root / ".cache" / "teacher_outputs", teacher_key=teacher_key,
+                                  data_fingerprint=self.data.dataset.fingerprint,
+                                  normalization=(tuple(norm.mean), tuple(norm.std)),
                                   num_images=self.data.train_size, num_classes=self.config["model"]["num_classes"],
                                   dtype=self.recipe.pipeline_args.get("teacher_cache_dtype", "float16"))
         return cached_teacher_fn(cache, self.resolved.teacher, self.device)
@@ -271,7 +288,7 @@ class Trainer:
                 logits, losses = self.distiller.forward_train(batch)
             total = sum(losses.values())
             if not torch.isfinite(total):
-                values = {k: float(v) for k, v in losses.items()}
+                values = {k: float(v.detach()) for k, v in losses.items()}
                 raise RunFailed(f"non-finite loss at epoch {epoch}, step {step + 1}: {values}",
                                 epoch=epoch, step=step + 1, losses=values)
             self.optimizer.zero_grad(set_to_none=True)
@@ -287,6 +304,16 @@ class Trainer:
             sums["entropy"] = sums.get("entropy", 0.0) + mean_entropy(logits) * b
             bar.update(1)
         return sums, n_images
+
+
+def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> int:
+    """Load every tensor whose name and shape match (a new classifier for another class count stays fresh)."""
+    own = model.state_dict()
+    matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not matching:
+        raise ReproError("the initial weights share no tensor with the model: wrong architecture?")
+    model.load_state_dict(matching, strict=False)
+    return len(matching)
 
 
 def _recipe_with_defaults(recipe: dict[str, Any]) -> dict[str, Any]:

@@ -100,9 +100,11 @@ def test_hits_skip_the_teacher_and_cold_equals_warm(tmp_path: Path, dataset: Ima
         assert torch.equal(a, b) and a.dtype == torch.float32
 
 
-def test_keys_select_different_files(tmp_path: Path) -> None:
+def test_keys_select_different_files(tmp_path: Path, dataset: ImageTensorDataset) -> None:
     base = _open(tmp_path).path
     assert _open(tmp_path).path == base
+    assert TeacherCache.for_dataset(tmp_path, teacher_key="teacher-a", dataset=dataset, mean=MEAN, std=STD,
+                                    dtype="float32").path == base
     others = {_open(tmp_path, teacher_key="teacher-b").path, _open(tmp_path, fingerprint="d1").path,
               _open(tmp_path, dtype="float16").path, _open(tmp_path, normalization=(MEAN, (0.2, 0.2, 0.2))).path}
     assert len(others) == 4 and base not in others

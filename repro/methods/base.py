@@ -10,6 +10,7 @@ mdistiller: the training loop sums the dict and logs each entry.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional
 
 import torch
@@ -56,6 +57,10 @@ class TermContext:
     assistants: dict[str, nn.Module] = field(default_factory=dict)  # extra frozen models (SSTA's TA)
     student_feat_dims: list[int] = field(default_factory=list)  # channel/width of each feature (probe forward)
     teacher_feat_dims: list[int] = field(default_factory=list)
+    # Training batches for offline analyses a term runs once at construction (SSTA's head importance):
+    # ``sample_batches(n)`` yields n augmented training batches without disturbing the training order.
+    sample_batches: Optional[Callable[[int], Any]] = None
+    cache_dir: Optional[Path] = None  # where a term may cache such analyses (keyed by what they depend on)
 
 
 class LossTerm(nn.Module):

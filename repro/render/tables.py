@@ -116,6 +116,10 @@ def _deviation_lines(spec: Spec, tier: str, results: list[CellResult], notes: Fo
         lines.append(f"Deviations from the paper recipe at the {tier} tier: " + "; ".join(changed) + ".")
         if spec.tier_notes.get(tier):
             lines.append(spec.tier_notes[tier])
+    substitutes = spec.tier_models.get(tier, {})
+    if substitutes:
+        lines.append(f"Models substituted at the {tier} tier: " +
+                     "; ".join(f"{k} → {v}" for k, v in sorted(substitutes.items())) + ".")
     for key, p in sorted(spec.recipe_provenance.items()):
         notes.mark(f"recipe `{key}`: {p.source}" + (f", {p.note}" if p.note else ""))
     run_devs = sorted({d for r in results for x in r.results for d in x.get("deviations", [])})

@@ -70,9 +70,10 @@ class MobileNetV2(CifarNet):
         stages = []
         for t, c, n, s in _STAGES:
             out_channels = int(c * width_mult)
+            ratio = expansion if t == "T" else int(t)
             blocks = []
             for i in range(n):
-                blocks.append(InvertedResidual(channels, out_channels, s if i == 0 else 1, expansion if t == "T" else t))
+                blocks.append(InvertedResidual(channels, out_channels, s if i == 0 else 1, ratio))
                 channels = out_channels
             stages.append(nn.Sequential(*blocks))
         self.blocks = nn.ModuleList(stages)

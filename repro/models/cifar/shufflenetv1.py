@@ -21,7 +21,8 @@ from repro.models.cifar.resnet import CifarNet, Stage
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:
     """[N, g*c, H, W] -> interleave the g groups' channels (ShuffleNet's channel shuffle)."""
     n, channels, h, w = x.shape
-    return x.view(n, groups, channels // groups, h, w).transpose(1, 2).reshape(n, channels, h, w)
+    # reshape, not view: the input may be channels_last (non-contiguous in NCHW order).
+    return x.reshape(n, groups, channels // groups, h, w).transpose(1, 2).reshape(n, channels, h, w)
 
 
 class ShuffleUnit(nn.Module):

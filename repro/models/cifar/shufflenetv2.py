@@ -76,7 +76,9 @@ class DownUnit(nn.Module):
 
 
 class ShuffleNetV2(CifarNet):
-    def __init__(self, widths: tuple[int, int, int, int], num_blocks: tuple[int, int, int], num_classes: int = 100) -> None:
+    def __init__(
+        self, widths: tuple[int, int, int, int], num_blocks: tuple[int, int, int], num_classes: int = 100
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 24, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(24)

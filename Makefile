@@ -1,0 +1,54 @@
+# repro: every paper table and figure is a spec run by one runner. `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The torch build: on this project's CPU machines torch 2.14.1 / torchvision 0.29.1 come from local disk.
+# On a GPU machine pass the build matching your CUDA, e.g. make install TORCH_SPEC="torch torchvision".
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+TIER ?= full
+SEEDS ?=
+NPROC ?= 1
+REPRO = $(PY) -m repro
+RUN_ARGS = --tier $(TIER) $(if $(SEEDS),--seeds $(SEEDS),) $(if $(filter-out 1,$(NPROC)),--nproc $(NPROC),)
+
+.PHONY: help install test smoke figures bench teachers schema clean-smoke
+help:
+	@echo "make install                         create $(VENV) and install repro with its test extras"
+	@echo "make test                            the test suite (installs first)"
+	@echo "make table-wttm-cifar100 TIER=smoke  run + render tables/wttm-cifar100.md (TIER=smoke|proxy|full, SEEDS=n)"
+	@echo "make table-<output>                  any output: wttm-cifar100, wttm-imagenet, ssta, ...  (repro specs)"
+	@echo "make smoke                           every spec at the smoke tier (the CI smoke reproduction)"
+	@echo "make figures TIER=smoke              render figures/ (running the smoke runs they need)"
+	@echo "make bench                           KD training throughput: reference vs fast paths"
+	@echo "make teachers                        fetch the public CIFAR-100 teacher checkpoints (sha256-locked)"
+
+install: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e '.[test,analyses]'
+	touch $@
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+table-%: install
+	$(REPRO) table $* $(RUN_ARGS)
+
+smoke: install
+	$(REPRO) smoke
+
+figures: install
+	$(REPRO) figures --tier $(TIER)
+
+bench: install
+	$(REPRO) bench
+
+teachers: install
+	$(REPRO) teachers fetch
+
+schema: install
+	$(REPRO) schema -o repro/spec.schema.json
+
+clean-smoke:
+	rm -rf data/smoke

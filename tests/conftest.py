@@ -1,0 +1,23 @@
+"""Shared test setup: never reach a model hub, keep runs and data in temporary folders."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+TESTS = Path(__file__).parent
+TINY_SPEC = str(TESTS / "specs" / "tiny.yaml")
+
+
+@pytest.fixture
+def workdirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """A private run store, data folder and tables folder for one test."""
+    dirs = {name: tmp_path / name for name in ("runs", "data", "tables")}
+    for path in dirs.values():
+        path.mkdir()
+    monkeypatch.setenv("REPRO_RUNS", str(dirs["runs"]))
+    monkeypatch.setenv("REPRO_DATA", str(dirs["data"]))
+    return dirs
