@@ -147,6 +147,14 @@ class Cell(Strict):
     assistant: Optional[str] = None  # SSTA: the teaching assistant's model key
 
 
+class Claim(Strict):
+    """An ordering the paper claims, checked per teacher/student pair at every tier (the proxy tier's purpose)."""
+
+    better: str  # method label
+    worse: str
+    note: str = ""
+
+
 class ModelDef(Strict):
     """A named model used by cells: its arch and how to obtain it (defaults: arch = the key)."""
 
@@ -181,6 +189,7 @@ class Spec(Strict):
     tier_models: dict[Tier, dict[str, str]] = {}
     methods: dict[str, MethodDef]
     cells: list[Cell]
+    claims: list[Claim] = []
     notes: list[str] = []
 
     @model_validator(mode="after")

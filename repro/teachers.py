@@ -276,6 +276,8 @@ def _download_missing(dest: Path, archs: list[str], urls: list[str]) -> dict[str
             continue
         obtained.update(got)
         missing = [arch for arch in missing if arch not in got]
+        if missing:
+            failures.append(f"{url}: has no file for {', '.join(missing)}")
     if missing:
         places = ", ".join(str(teacher_path(arch, dest)) for arch in missing)
         raise ReproError(

@@ -165,7 +165,9 @@ class Trainer:
             params = dict(params)
             weight = params.pop("weight", 1.0)
             terms[name] = (weight, get_term(name)(ctx, **params).to(self.device))
-        self.distiller = Distiller(student, self.resolved.teacher, terms, teacher_fn=self._teacher_fn())
+        wants_features = any(term.features for _, term in terms.values())  # the cache holds logits only
+        self.distiller = Distiller(student, self.resolved.teacher, terms,
+                                   teacher_fn=None if wants_features else self._teacher_fn())
         self.lr = effective_lr(recipe.optimizer, recipe.batch_size)
         self.optimizer = OPTIMIZERS.get(recipe.optimizer.name)([student, self.distiller.terms], recipe.optimizer,
                                                                self.lr)

@@ -3,21 +3,34 @@
 ``ssta_attn``:  ``beta * KL(A_T || A_S) + lam * KL(A_TA || A_S)`` where ``A_T`` is one head of the supervised
 teacher, ``A_TA`` one head of the self-supervised teaching assistant and ``A_S`` the student's matching map
 (ssta.md 2.3). The paper's code and text were not available, so every choice is a parameter [INFERRED]:
-* heads and layers: the term takes plain indices; "auto" selection runs before training
-  (``repro.ssta.select_heads_cached``) and its result is written into the term's parameters;
+* heads and layers: ``teacher_head`` / ``ta_head`` are ``auto`` (default), a head index, or a list of heads
+  (their mean map is the target); ``teacher_layer`` / ``ta_layer`` are an index (default -1, the last block)
+  or ``auto`` (the best-scoring head over all layers). ``auto`` is resolved once, in this term's constructor,
+  by ``head_rule`` (any ``repro.ssta.head_importance.SELECTION_RULES`` entry: ``importance`` (default, Michel
+  et al. 2019), ``entropy``, ``fixed``, ``all``, ``random``; extra rule options in ``head_options``) over
+  ``head_batches`` training batches (``ctx.sample_batches``: the run's own augmented, mixed batches, whose soft
+  targets the cross-entropy importance uses). The importance loss is a recorded choice per model:
+  ``teacher_importance_loss`` (``ce`` through the teacher's classifier, default) and ``ta_importance_loss``
+  (``feature``, default: a label-free TA has no classifier; or ``probe``, a published linear probe given as
+  ``ta_probe: {checkpoint: <file>, n_last_blocks: 4, avgpool: false}``, DINO's ``eval_linear.py`` layout).
+  The selection is cached in ``ctx.cache_dir`` (``heads-<rule>-<key>.json``), keyed by the model's weights,
+  the first sampled batch (so the dataset and the run's seed) and the rule's options; the global RNGs are
+  restored afterwards, so training is the same whether the selection was computed or read. The chosen heads
+  are logged and returned by ``report()``;
 * student mapping: ``split`` (student head ``student_heads[0]`` <-> teacher, ``student_heads[1]`` <-> TA),
   ``relation`` (one MiniLMv2-style map from the concatenated q/k of all heads) or ``mean`` (mean head map);
 * KL over keys, averaged over query rows and batch, teacher as target, float32; optional temperature on the
   scores of both sides, without a tau^2 factor (tau = 1 by default; unknown in the paper);
 * early stop [SEED reading, ssta.md 2.3.5]: ``stop_epoch`` (``ta_stop_epoch``) is the number of epochs with the
   teacher (TA) term: it is applied in 1-based epochs ``1..stop_epoch`` (DeiT's 0-based ``< stop_epoch``) and
-  ``active(epoch)`` is False afterwards, so the loop skips the term and neither model runs.
+  ``active(epoch)`` is False afterwards, so the loop skips the term and neither model runs. With
+  ``stop_epoch_of: N`` the stop epochs are the paper's "stop_epoch of N" and scale to the run's epochs
+  (``max(1, round(stop_epoch * epochs / N))``), so one spec cell means the same at every tier.
 The spec weights this term as a whole (``ssta_attn: {weight: 1, beta: 1, lam: 1}``) next to ``ce``.
-Other parameters: ``student_layer`` / ``teacher_layer`` / ``ta_layer`` (default -1, last-to-last),
-``teacher`` / ``ta`` (where the frozen models come from: "teacher" is the run's teacher, any other name an
-entry of ``ctx.assistants``, so a CNN can be the run's logit teacher while a ViT teaches attention) and
-``drop_dist_token`` (a DeiT-distilled student's 198-token map loses the dist token's row and column and is
-renormalised, ssta.md 8.2).
+Other parameters: ``student_layer`` (default -1, last-to-last), ``teacher`` / ``ta`` (where the frozen models
+come from: "teacher" is the run's teacher, any other name an entry of ``ctx.assistants``, so a CNN can be the
+run's logit teacher while a ViT teaches attention) and ``drop_dist_token`` (a DeiT-distilled student's 198-token
+map loses the dist token's row and column and is renormalised, ssta.md 8.2).
 
 ``needs_teacher = False``: the term runs the teacher and TA itself, under ``no_grad`` and in eval mode, on the
 student's own augmented batch (``batch.images``, DeiT's convention, ssta.md 8.8), and only while active; the
@@ -30,8 +43,11 @@ e.g. ``{ce: 0.5, deit_hard: 0.5}``; the cls-head logits go to CE (see ``repro/mo
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+import hashlib
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -41,13 +57,36 @@ from torch import Tensor
 from repro.errors import ReproError
 from repro.methods.base import LOSS_TERMS, Batch, LossTerm, Outputs, TermContext
 from repro.ssta.attention import AttentionCapture, attention_kl
-from repro.ssta.head_importance import HeadSelection
+from repro.ssta.head_importance import (
+    HeadSelection,
+    load_linear_probe,
+    model_fingerprint,
+    preserved_rng,
+    select_heads,
+    select_heads_cached,
+    selection_cache_path,
+)
 
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
 STUDENT_MAPPINGS = {"split": "heads", "relation": "relation", "mean": "mean"}
+# A label-free TA has no classifier, so its importance loss cannot be "ce" (it would read a random head).
+IMPORTANCE_LOSSES = {"teacher": ("ce", "probe", "feature"), "ta": ("probe", "feature")}
+PROBE_KEYS = {"checkpoint", "n_last_blocks", "avgpool"}
+
+HeadSpec = Union[int, Sequence[int], str]
 
 
 def _epoch_on(stop_epoch: Optional[int], epoch: int) -> bool:
     return stop_epoch is None or epoch <= stop_epoch
+
+
+def scaled_stop_epoch(stop_epoch: Optional[int], of_epochs: Optional[int], epochs: int) -> Optional[int]:
+    """The stop epoch of a run with ``epochs`` epochs, for a paper's "stop_epoch of of_epochs" (or as given)."""
+    if stop_epoch is None or of_epochs is None:
+        return stop_epoch
+    return max(1, round(stop_epoch * epochs / of_epochs))
 
 
 def _frozen_model(ctx: TermContext, source: str) -> nn.Module:
@@ -60,13 +99,20 @@ def _frozen_model(ctx: TermContext, source: str) -> nn.Module:
 
 def _index(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ReproError(f"ssta_attn: {what} must be an integer index, got {value!r}; resolve 'auto' with "
-                         f"repro.ssta.select_heads_cached before building the term")
+        raise ReproError(f"ssta_attn: {what} must be an integer index or 'auto', got {value!r}")
     return value
 
 
+def _heads_list(value: HeadSpec, what: str) -> list[int]:
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ReproError(f"ssta_attn: {what} is an empty list")
+        return [_index(h, f"{what} entry") for h in value]
+    return [_index(value, what)]
+
+
 def selection_params(teacher: Optional[HeadSelection] = None, ta: Optional[HeadSelection] = None) -> dict[str, int]:
-    """The ``ssta_attn`` parameters that pin the heads chosen before training ("auto" in a spec)."""
+    """The ``ssta_attn`` parameters that pin heads chosen elsewhere (instead of ``auto``)."""
     params: dict[str, int] = {}
     for prefix, selection in (("teacher", teacher), ("ta", ta)):
         if selection is not None:
@@ -74,9 +120,115 @@ def selection_params(teacher: Optional[HeadSelection] = None, ta: Optional[HeadS
     return params
 
 
+# ----------------------------------------------------------------------------------------------------------
+# head choice
+
+@dataclass
+class HeadChoice:
+    """The layer and heads whose attention one frozen model contributes, and how they were chosen."""
+
+    layer: int
+    heads: list[int]
+    record: dict[str, Any] = field(default_factory=dict)  # JSON-able: rule, loss, scores, cache file
+
+
+def _tensor_digest(*tensors: Tensor) -> str:
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        flat = tensor.detach().cpu().contiguous()
+        digest.update(f"{tuple(flat.shape)}:{flat.dtype}".encode())
+        digest.update(flat.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class HeadChooser:
+    """Resolves ``auto`` heads of the teacher and TA from a few training batches of the run (ssta.md 2.3.1)."""
+
+    def __init__(self, ctx: TermContext, rule: str, batches: int, options: Optional[dict[str, Any]]) -> None:
+        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+            raise ReproError(f"ssta_attn: head_batches must be a positive integer, got {batches!r}")
+        reserved = {"scope", "layer", "loss", "probe", "max_images", "sample_batches"} & set(options or {})
+        if reserved:
+            raise ReproError(f"ssta_attn: head_options may not set {sorted(reserved)}; they are term parameters")
+        self.ctx = ctx
+        self.rule = rule
+        self.batches = batches
+        self.options = dict(options or {})
+        self._labels_digest: Optional[str] = None
+
+    def choose(self, role: str, model: nn.Module, layer: Union[int, str], head: HeadSpec, loss: str,
+               probe: Optional[dict[str, Any]]) -> HeadChoice:
+        if head != AUTO:
+            if layer == AUTO:
+                raise ReproError(f"ssta_attn: {role}_layer 'auto' needs {role}_head 'auto' (a given head needs "
+                                 f"a given layer)")
+            heads = _heads_list(head, f"{role}_head")
+            return HeadChoice(_index(layer, f"{role}_layer"), heads, {"rule": "given", "heads": heads})
+        if loss not in IMPORTANCE_LOSSES[role]:
+            raise ReproError(f"ssta_attn: {role}_importance_loss must be one of {', '.join(IMPORTANCE_LOSSES[role])}, "
+                             f"got {loss!r}")
+        options = {**self.options, "loss": loss, "max_images": None, "sample_batches": self.batches,
+                   "scope": "global" if layer == AUTO else "layer",
+                   "layer": -1 if layer == AUTO else _index(layer, f"{role}_layer")}
+        if probe is not None:
+            options["probe"] = _load_probe(probe, f"{role}_probe").to(self.ctx.device)
+        selection, cache_file = self._select(role, model, options)
+        if layer == AUTO and selection.scores is None:
+            raise ReproError(f"ssta_attn: {role}_layer 'auto' needs a rule that scores heads; {self.rule!r} does not")
+        record = {"rule": self.rule, "loss": loss, "scope": options["scope"], "pairs": selection.pairs,
+                  "scores": selection.scores[selection.layer] if selection.scores else None,
+                  "cache_file": cache_file, **{k: v for k, v in self.options.items()}}
+        return HeadChoice(selection.layer, selection.heads_of_layer(), record)
+
+    def _select(self, role: str, model: nn.Module, options: dict[str, Any]) -> tuple[HeadSelection, Optional[str]]:
+        if self.ctx.sample_batches is None:
+            try:  # rules without images (fixed, all, random) still work, e.g. in unit tests
+                return select_heads(model, self.rule, None, **options), None
+            except ReproError as err:
+                raise ReproError(f"ssta_attn: {role}_head 'auto' (rule {self.rule!r}) needs training images, and "
+                                 f"this context has no sample_batches: {err}") from None
+        with preserved_rng(self.ctx.device):
+            stream = self._batches()
+            first = next(stream, None)
+            if first is None:
+                raise ReproError("ssta_attn: the training loader yielded no batch for head selection")
+            fingerprint = hashlib.sha256(f"{model_fingerprint(model)}|{self._data_digest(first)}".encode()).hexdigest()
+            batches = itertools.chain([first], stream)
+            if self.ctx.cache_dir is None:
+                return select_heads(model, self.rule, batches, **options), None
+            path = selection_cache_path(self.ctx.cache_dir, fingerprint, self.rule, **options)
+            return select_heads_cached(self.ctx.cache_dir, model, self.rule, batches, fingerprint,
+                                       **options), str(path)
+
+    def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        # Soft (mixup/cutmix) targets when the pipeline mixes: the images the teacher sees in training.
+        for batch in self.ctx.sample_batches(self.batches):
+            yield batch.images, batch.targets
+
+    def _data_digest(self, first: tuple[Tensor, Tensor]) -> str:
+        """The dataset (all training labels) and the run's first batch (seed, order, augmentation)."""
+        if self._labels_digest is None:
+            self._labels_digest = _tensor_digest(self.ctx.train_labels)
+        images, targets = first
+        # A strided sample of the pixels: a full ImageNet batch is ~600 MB, and any other seed, order or
+        # augmentation changes the targets (labels, mixup pairs and ratio) and these pixels anyway.
+        sample = images.reshape(-1)[:: max(1, images.numel() // 65536)]
+        return f"{self._labels_digest}|{_tensor_digest(targets, sample)}"
+
+
+def _load_probe(config: dict[str, Any], what: str) -> nn.Module:
+    if not isinstance(config, dict) or "checkpoint" not in config or set(config) - PROBE_KEYS:
+        raise ReproError(f"ssta_attn: {what} must be a mapping with 'checkpoint' (and optionally 'n_last_blocks', "
+                         f"'avgpool'), got {config!r}")
+    return load_linear_probe(config["checkpoint"], int(config.get("n_last_blocks", 1)), bool(config.get("avgpool", False)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the term
+
 @dataclass
 class _AttentionTarget:
-    """One frozen model (teacher or TA), the capture of its chosen head and how it enters the loss."""
+    """One frozen model (teacher or TA), the capture of its chosen head(s) and how it enters the loss."""
 
     name: str
     model: nn.Module
@@ -104,38 +256,59 @@ class SSTAAttention(LossTerm):
     needs_teacher = False  # runs teacher and TA itself (see module docstring)
 
     def __init__(self, ctx: TermContext, beta: float = 1.0, lam: float = 1.0, student_layer: int = -1,
-                 student_heads: Sequence[int] = (0, 1), mapping: str = "split", teacher_layer: int = -1,
-                 teacher_head: int = 0, ta_layer: int = -1, ta_head: int = 0, temperature: float = 1.0,
-                 stop_epoch: Optional[int] = None, ta_stop_epoch: Optional[int | str] = "same",
+                 student_heads: Sequence[int] = (0, 1), mapping: str = "split",
+                 teacher_layer: Union[int, str] = -1, teacher_head: HeadSpec = AUTO,
+                 ta_layer: Union[int, str] = -1, ta_head: HeadSpec = AUTO,
+                 head_rule: str = "importance", head_batches: int = 4, head_options: Optional[dict[str, Any]] = None,
+                 teacher_importance_loss: str = "ce", ta_importance_loss: str = "feature",
+                 teacher_probe: Optional[dict[str, Any]] = None, ta_probe: Optional[dict[str, Any]] = None,
+                 temperature: float = 1.0, stop_epoch: Optional[int] = None,
+                 ta_stop_epoch: Optional[int | str] = "same", stop_epoch_of: Optional[int] = None,
                  drop_dist_token: bool = True, teacher: str = "teacher", ta: str = "ta") -> None:
         super().__init__(ctx)
         if mapping not in STUDENT_MAPPINGS:
             raise ReproError(f"ssta_attn: unknown student mapping {mapping!r}; known: {', '.join(STUDENT_MAPPINGS)}")
         ta_stop_epoch = stop_epoch if ta_stop_epoch == "same" else ta_stop_epoch  # "same": one early stop for both
+        stops = [scaled_stop_epoch(s, stop_epoch_of, ctx.epochs) for s in (stop_epoch, ta_stop_epoch)]
         # role 0 = teacher, role 1 = TA; under the split mapping role r is matched by student_heads[r]
-        wanted = [(role, name, float(w), source, _index(layer, f"{name}_layer"), _index(head, f"{name}_head"), stop)
-                  for role, (name, w, source, layer, head, stop) in enumerate((
-                      ("teacher", beta, teacher, teacher_layer, teacher_head, stop_epoch),
-                      ("ta", lam, ta, ta_layer, ta_head, ta_stop_epoch))) if float(w) != 0.0]
-        if not wanted:
+        roles = [(role, name, float(w), source, layer, head, loss, probe, stop)
+                 for role, (name, w, source, layer, head, loss, probe, stop) in enumerate((
+                     ("teacher", beta, teacher, teacher_layer, teacher_head, teacher_importance_loss, teacher_probe,
+                      stops[0]),
+                     ("ta", lam, ta, ta_layer, ta_head, ta_importance_loss, ta_probe, stops[1]))) if float(w) != 0.0]
+        if not roles:
             raise ReproError("ssta_attn: beta and lam are both 0; drop the term instead")
-        student_heads = [_index(h, "student_heads entry") for h in student_heads]
-        if mapping == "split" and len(student_heads) <= wanted[-1][0]:
+        student_heads = _heads_list(list(student_heads), "student_heads")
+        if mapping == "split" and len(student_heads) <= roles[-1][0]:
             raise ReproError(f"ssta_attn: the split mapping needs student_heads = [head for the teacher, head for "
                              f"the TA], got {student_heads}")
         self.mapping = mapping
+        models = {name: _frozen_model(ctx, source) for _, name, _, source, *_ in roles}  # missing models fail first
+        chooser = HeadChooser(ctx, head_rule, head_batches, head_options)
+        self.choices: dict[str, HeadChoice] = {}
         # Plain attributes (not submodules): the frozen models must stay out of the optimiser and state dict.
         self._targets: list[_AttentionTarget] = []
-        for role, name, weight, source, layer, head, stop in wanted:
-            model = _frozen_model(ctx, source)
-            capture = AttentionCapture(model, layer, [head], "heads", temperature, drop_dist_token)
+        for role, name, weight, _, layer, head, loss, probe, stop in roles:
+            choice = chooser.choose(name, models[name], layer, head, loss, probe)
+            self.choices[name] = choice
+            capture = AttentionCapture(models[name], choice.layer, choice.heads,
+                                       "heads" if len(choice.heads) == 1 else "mean", temperature, drop_dist_token)
             capture.enabled = False  # armed only inside this term's own forward of that model
-            self._targets.append(_AttentionTarget(name, model, capture, weight, stop,
+            self._targets.append(_AttentionTarget(name, models[name], capture, weight, stop,
                                                   role if mapping == "split" else 0))
         self._student_capture = AttentionCapture(ctx.student, student_layer,
                                                  student_heads[:2] if mapping == "split" else None,
                                                  STUDENT_MAPPINGS[mapping], temperature, drop_dist_token,
                                                  training_only=True)
+        self.stop_epochs = {t.name: t.stop_epoch for t in self._targets}
+        for name, choice in self.choices.items():
+            log.info("ssta_attn: %s attention from layer %d, heads %s (%s)", name, choice.layer, choice.heads,
+                     choice.record.get("rule"))
+
+    def report(self) -> dict[str, Any]:
+        """What this term decided before training (for the run's result.json)."""
+        return {"heads": {name: {"layer": c.layer, "heads": c.heads, **c.record} for name, c in self.choices.items()},
+                "stop_epochs": self.stop_epochs}
 
     def active(self, epoch: int) -> bool:
         on = any(target.active(epoch) for target in self._targets)

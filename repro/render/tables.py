@@ -141,6 +141,34 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def claims_markdown(sections: list[tuple[Plan, list[CellResult]]]) -> str:
+    """Check each spec's claimed orderings per pair, over all cells of the output (a claim may span tables)."""
+    from repro.compare import ASSUMED_SEED_STD
+
+    by_key = {(r.cell.teacher, r.cell.student, r.cell.method): r for _, rs in sections for r in rs}
+    rows = []
+    for plan, results in sections:
+        for claim in plan.spec.claims:
+            pairs = sorted({(r.cell.teacher, r.cell.student) for r in results if r.cell.method == claim.better})
+            for teacher, student in pairs:
+                better, worse = by_key.get((teacher, student, claim.better)), by_key.get((teacher, student, claim.worse))
+                if better is None or worse is None or better.mean is None or worse.mean is None:
+                    continue
+                s_b, s_w = better.std or ASSUMED_SEED_STD, worse.std or ASSUMED_SEED_STD
+                noise = 2 * (s_b**2 / max(better.n, 1) + s_w**2 / max(worse.n, 1)) ** 0.5
+                gap = better.mean - worse.mean
+                verdict = "holds" if gap >= 0 else ("holds within noise" if gap >= -noise else "violated")
+                rows.append([f"{teacher} → {student}", f"{claim.better} ≥ {claim.worse}",
+                             f"{better.mean:.2f} vs {worse.mean:.2f}", f"{gap:+.2f}", f"±{noise:.2f}", verdict])
+    if not rows:
+        return ""
+    table = tabulate(rows, headers=["Pair", "Claim", "Reproduced", "Gap", "Noise (2·SE)", "Verdict"],
+                     tablefmt="github")
+    return ("## Claims: the paper's orderings\n\nChecked on the reproduced numbers of this tier, per pair; a gap "
+            "within twice the combined standard error counts as holding within noise (0.3-point seed std assumed "
+            "where a cell has one seed).\n\n" + table + "\n")
+
+
 def csv_rows(results: list[CellResult]) -> list[dict[str, Any]]:
     rows = []
     for r in results:
@@ -181,6 +209,9 @@ def render_output(output: str, tier: str, sections: list[tuple[Plan, list[CellRe
                   f"values; they are never called reproduced.", ""]
     for plan, results in sections:
         parts.append(section_markdown(plan.spec, tier, results))
+    claims = claims_markdown(sections)
+    if claims:
+        parts.append(claims)
     parts += ["", VERDICT_RULE, ""]
     md_path, csv_path = out_dir / f"{output}.md", out_dir / f"{output}.csv"
     atomic_write_bytes(md_path, "\n".join(parts).encode())

@@ -7,8 +7,9 @@ argmax of the last layer (options: over all layers, or one head per layer).
 
 The loss L [open choice, recorded in the cache key]:
 * ``ce``: cross-entropy through the model's own classifier (a supervised teacher);
-* ``probe``: cross-entropy through a linear probe given by the caller on the pooled features (DINO and MoCo-v3
-  publish theirs) -- for an SSL TA without a classifier;
+* ``probe``: cross-entropy through a linear probe given by the caller on the pooled features, or on DINO's
+  linear-evaluation features (:class:`FeatureProbe`, :func:`load_linear_probe`; DINO and MoCo-v3 publish their
+  probes) -- for an SSL TA without a classifier;
 * ``feature``: label-free, ``1 - cos(f(x), f(flip(x)))`` with the flipped view as a fixed target: how much a head
   matters for the model's own flip-invariant representation (for MAE-like TAs without a probe).
 
@@ -17,17 +18,21 @@ default), ``fixed``, ``all`` (every head of one layer) and ``random`` (seeded).
 
 The selection is computed once before training and frozen; ``select_heads_cached`` stores it as a small JSON
 file keyed by the model's fingerprint (weights or checkpoint hash) and the rule's full configuration.
+Labels may be hard (int64 [B]) or soft (float [B, K], e.g. mixup/cutmix targets): cross-entropy takes both.
+``preserved_rng`` lets a caller draw training batches for the selection without moving any global RNG.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import random
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -37,7 +42,7 @@ from repro.errors import ReproError
 from repro.registry import Registry
 from repro.ssta.attention import AttentionCapture, block_attention, depth, unwrap_vit
 
-SCOPES = ("last", "global", "per_layer")
+SCOPES = ("last", "layer", "global", "per_layer")
 Pair = tuple[int, int]  # (layer, head), layer counted from 0
 
 
@@ -140,9 +145,79 @@ def ce_loss(model: nn.Module, images: Tensor, labels: Optional[Tensor]) -> Tenso
     return F.cross_entropy(logits.float(), _need_labels(labels, "ce"))
 
 
+def last_blocks_features(model: nn.Module, images: Tensor, n_last_blocks: int = 1, avgpool: bool = False) -> Tensor:
+    """DINO's linear-evaluation input (``eval_linear.py``): the cls token of each of the last ``n_last_blocks``
+    block outputs, each after the final norm, concatenated; with ``avgpool`` (DINO's ViT-B/16 setting, one block)
+    the cls token and the mean patch token, interleaved as DINO's ``cat(..., -1).reshape`` leaves them."""
+    vit = unwrap_vit(model)
+    if not 1 <= n_last_blocks <= len(vit.blocks):
+        raise ReproError(f"n_last_blocks must lie in 1..{len(vit.blocks)}, got {n_last_blocks}")
+    if avgpool and n_last_blocks != 1:
+        raise ReproError("DINO's avgpool probe features use the last block only (n_last_blocks = 1)")
+    outputs: list[Tensor] = []
+    handles = [block.register_forward_hook(lambda m, i, o: outputs.append(o)) for block in vit.blocks[-n_last_blocks:]]
+    try:
+        vit.forward_features(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    normed = [vit.norm(x) for x in outputs]
+    features = torch.cat([x[:, 0] for x in normed], dim=-1)
+    if avgpool:
+        patches = normed[-1][:, vit.num_prefix_tokens:].mean(dim=1)
+        features = torch.stack((features, patches), dim=-1).reshape(features.shape[0], -1)
+    return features
+
+
+class FeatureProbe(nn.Module):
+    """A linear probe on :func:`last_blocks_features`; its settings are buffers, so they enter its fingerprint."""
+
+    def __init__(self, linear: nn.Linear, n_last_blocks: int = 1, avgpool: bool = False) -> None:
+        super().__init__()
+        self.linear = linear
+        self.register_buffer("n_last_blocks", torch.tensor(int(n_last_blocks)))
+        self.register_buffer("avgpool", torch.tensor(bool(avgpool)))
+
+    def forward(self, model: nn.Module, images: Tensor) -> Tensor:
+        features = last_blocks_features(model, images, int(self.n_last_blocks), bool(self.avgpool))
+        if features.shape[-1] != self.linear.in_features:
+            raise ReproError(f"the probe expects {self.linear.in_features} input features, the model gives "
+                             f"{features.shape[-1]} (n_last_blocks={int(self.n_last_blocks)}, "
+                             f"avgpool={bool(self.avgpool)}); DINO uses 4 blocks for ViT-S/16, 1 + avgpool for ViT-B/16")
+        return self.linear(features)
+
+
+def load_linear_probe(path: str | os.PathLike, n_last_blocks: int = 1, avgpool: bool = False) -> FeatureProbe:
+    """A published linear probe file (DINO's ``*_linearweights.pth``: ``{"state_dict": {"module.linear.weight",
+    "module.linear.bias"}}``, or any file holding one 2-D weight and its bias) as a :class:`FeatureProbe`."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ReproError(f"linear probe file not found: {file}")
+    try:
+        raw = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ReproError(f"linear probe {file} could not be read: {type(err).__name__}: {err}") from None
+    while isinstance(raw, dict) and isinstance(raw.get("state_dict", raw.get("model")), dict):
+        raw = raw.get("state_dict", raw.get("model"))
+    weights = {k: v for k, v in (raw.items() if isinstance(raw, dict) else ())
+               if k.endswith("weight") and isinstance(v, Tensor) and v.ndim == 2}
+    if len(weights) != 1:
+        raise ReproError(f"linear probe {file} must hold exactly one 2-D weight, found {sorted(weights) or 'none'}")
+    (name, weight), = weights.items()
+    bias = raw.get(name[: -len("weight")] + "bias")
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return FeatureProbe(linear, n_last_blocks, avgpool)
+
+
 def probe_loss(probe: nn.Module) -> ImportanceLoss:
+    """CE through ``probe``: a :class:`FeatureProbe` reads the model itself, any other module the pooled features."""
     def loss(model: nn.Module, images: Tensor, labels: Optional[Tensor]) -> Tensor:
-        return F.cross_entropy(probe(pooled_features(model, images)).float(), _need_labels(labels, "probe"))
+        logits = probe(model, images) if isinstance(probe, FeatureProbe) else probe(pooled_features(model, images))
+        return F.cross_entropy(logits.float(), _need_labels(labels, "probe"))
 
     return loss
 
@@ -184,6 +259,22 @@ def head_mask(model: nn.Module) -> Iterator[Tensor]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def preserved_rng(device: Optional[torch.device] = None) -> Iterator[None]:
+    """Restore the python, numpy and torch (CPU and ``device``'s CUDA) RNG states on exit.
+
+    Drawing augmented training batches for a selection moves the global RNGs (RandAugment, mixup); restoring
+    them keeps a run's training identical whether its selection was computed or read from the cache."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = [device] if device is not None and device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 @contextmanager
@@ -238,13 +329,15 @@ def attention_entropy(model: nn.Module, batches: Iterable[Any], max_images: Opti
     return total / count
 
 
-def pick_heads(scores: Tensor, scope: str = "last", largest: bool = True) -> list[Pair]:
-    """Argmax (or argmin) of [L, H] scores within the last layer, over all layers, or per layer."""
+def pick_heads(scores: Tensor, scope: str = "last", largest: bool = True, layer: int = -1) -> list[Pair]:
+    """Argmax (or argmin) of [L, H] scores within the last layer, within ``layer`` (scope ``layer``), over all
+    layers, or per layer."""
     if scope not in SCOPES:
         raise ReproError(f"unknown head-selection scope {scope!r}; known: {', '.join(SCOPES)}")
     signed = scores if largest else -scores
-    if scope == "last":
-        return [(scores.shape[0] - 1, int(signed[-1].argmax()))]
+    if scope in ("last", "layer"):
+        chosen = scores.shape[0] - 1 if scope == "last" else _layer_index(layer, scores.shape[0])
+        return [(chosen, int(signed[chosen].argmax()))]
     if scope == "per_layer":
         return [(layer, int(signed[layer].argmax())) for layer in range(scores.shape[0])]
     flat = int(signed.flatten().argmax())
@@ -259,11 +352,14 @@ SELECTION_RULES: Registry[SelectionRule] = Registry("head-selection rule")
 IMPORTANCE_LOSSES = ("ce", "probe", "feature")
 
 
-def _resolve_layer(model: nn.Module, layer: int) -> int:
-    count = depth(model)
-    if not -count <= layer < count:
-        raise ReproError(f"layer {layer} is out of range for a ViT of depth {count}")
+def _layer_index(layer: int, count: int) -> int:
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -count <= layer < count:
+        raise ReproError(f"layer {layer!r} is out of range for a ViT of depth {count}")
     return layer % count
+
+
+def _resolve_layer(model: nn.Module, layer: int) -> int:
+    return _layer_index(layer, depth(model))
 
 
 def _scores_list(scores: Tensor) -> list[list[float]]:
@@ -282,22 +378,24 @@ def _importance_loss(loss: str, probe: Optional[nn.Module]) -> ImportanceLoss:
 
 @SELECTION_RULES.register("importance")
 def _rule_importance(model: nn.Module, batches: Optional[Iterable[Any]], scope: str = "last", loss: str = "ce",
-                     probe: Optional[nn.Module] = None, max_images: Optional[int] = 2000, **_: Any) -> HeadSelection:
+                     probe: Optional[nn.Module] = None, max_images: Optional[int] = 2000, layer: int = -1,
+                     **_: Any) -> HeadSelection:
     if batches is None:
         raise ReproError("head-selection rule 'importance' needs images")
     scores = gradient_head_importance(model, batches, _importance_loss(loss, probe), max_images)
-    return HeadSelection("importance", pick_heads(scores, scope), _scores_list(scores))
+    return HeadSelection("importance", pick_heads(scores, scope, layer=layer), _scores_list(scores))
 
 
 @SELECTION_RULES.register("entropy")
 def _rule_entropy(model: nn.Module, batches: Optional[Iterable[Any]], scope: str = "last",
-                  prefer: str = "low", max_images: Optional[int] = 2000, **_: Any) -> HeadSelection:
+                  prefer: str = "low", max_images: Optional[int] = 2000, layer: int = -1, **_: Any) -> HeadSelection:
     if batches is None:
         raise ReproError("head-selection rule 'entropy' needs images")
     if prefer not in ("low", "high"):
         raise ReproError(f"entropy rule: prefer must be 'low' or 'high', got {prefer!r}")
     scores = attention_entropy(model, batches, max_images)
-    return HeadSelection("entropy", pick_heads(scores, scope, largest=prefer == "high"), _scores_list(scores))
+    return HeadSelection("entropy", pick_heads(scores, scope, largest=prefer == "high", layer=layer),
+                         _scores_list(scores))
 
 
 @SELECTION_RULES.register("fixed")
@@ -327,9 +425,9 @@ def _rule_random(model: nn.Module, batches: Optional[Iterable[Any]], layer: int 
 
 def select_heads(model: nn.Module, rule: str = "importance", batches: Optional[Iterable[Any]] = None,
                  **options: Any) -> HeadSelection:
-    """Run one rule. Options: ``scope`` (last/global/per_layer), ``loss`` (ce/probe/feature), ``probe``,
-    ``max_images`` (importance, entropy), ``prefer`` (entropy: low/high), ``layer``/``head`` (fixed, all,
-    random), ``seed`` (random)."""
+    """Run one rule. Options: ``scope`` (last/layer/global/per_layer), ``loss`` (ce/probe/feature), ``probe``,
+    ``max_images`` (importance, entropy), ``prefer`` (entropy: low/high), ``layer`` (scope ``layer``; fixed,
+    all, random), ``head`` (fixed), ``seed`` (random)."""
     selection = SELECTION_RULES.get(rule)(model, batches, **options)
     selection.config = {"rule": rule, **{k: v for k, v in options.items() if k != "probe"}}
     return selection
@@ -360,6 +458,20 @@ def _cache_key(fingerprint: str, config: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
+def _cache_config(rule: str, options: dict[str, Any]) -> dict[str, Any]:
+    config = {"rule": rule, **{k: v for k, v in options.items() if k != "probe"}}
+    if options.get("probe") is not None:
+        config["probe"] = model_fingerprint(options["probe"])
+    return config
+
+
+def selection_cache_path(cache_dir: str | os.PathLike, fingerprint: str, rule: str = "importance",
+                         **options: Any) -> Path:
+    """The JSON file in which :func:`select_heads_cached` keeps this (fingerprint, rule, options) selection."""
+    config = _cache_config(rule, options)
+    return Path(cache_dir) / f"heads-{rule}-{_cache_key(fingerprint, config)}.json"
+
+
 def select_heads_cached(cache_dir: str | os.PathLike, model: nn.Module, rule: str = "importance",
                         batches: Optional[Iterable[Any]] = None, fingerprint: Optional[str] = None,
                         **options: Any) -> HeadSelection:
@@ -369,10 +481,8 @@ def select_heads_cached(cache_dir: str | os.PathLike, model: nn.Module, rule: st
     avoid hashing a large model's weights. A probe, when given, enters the key through its own fingerprint.
     """
     fingerprint = fingerprint or model_fingerprint(model)
-    config = {"rule": rule, **{k: v for k, v in options.items() if k != "probe"}}
-    if options.get("probe") is not None:
-        config["probe"] = model_fingerprint(options["probe"])
-    path = Path(cache_dir) / f"heads-{rule}-{_cache_key(fingerprint, config)}.json"
+    config = _cache_config(rule, options)
+    path = selection_cache_path(cache_dir, fingerprint, rule, **options)
     if path.is_file():
         try:
             return HeadSelection.from_json(json.loads(path.read_text())["selection"])

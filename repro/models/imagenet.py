@@ -1,0 +1,360 @@
+"""ImageNet CNNs of the WTTM ImageNet tables (Tables 5 and 7), and the DeiT III teacher of Table 13.
+
+Registered names (``create_model(name, num_classes=..., pretrained=False, checkpoint=None)``):
+
+* ``tv_resnet18``, ``tv_resnet34``, ``tv_resnet50``, ``tv_resnet101``, ``tv_resnet152``: torchvision's ImageNet
+  ResNets (``tv_`` keeps them apart from the CIFAR ``resnet*`` zoo; timm and the DIST code use the same prefix).
+  ``pretrained=True`` loads torchvision's ``IMAGENET1K_V1`` weights, whose documented top-1 (69.76, 73.31, 76.13,
+  77.37, 78.31) are the teacher rows of WTTM Tables 5/7. The model *is* a ``torchvision.models.ResNet`` subclass,
+  so its state-dict keys are torchvision's and torchvision checkpoints load as they are.
+* ``mobilenet_v1``: MobileNet-V1 (Howard et al. 2017, width 1.0), built by timm (``mobilenetv1_100``) with ReLU
+  activations as in the ReviewKD/DKD/mdistiller MobileNetV1 behind the 68.87 baseline; ``act_layer="relu6"``
+  gives timm's own variant (the one its pretrained weights were trained with).
+* ``deit3_small_patch16_224`` (timm's default tag, ``fb_in1k``), ``deit3_small_patch16_224.fb_in1k`` and
+  ``deit3_small_patch16_224.fb_in22k_ft_in1k``: DeiT III-Small through the ViT family's factory.
+
+Weights are never fetched as a side effect: ``pretrained=True`` first looks in the local cache (torch.hub's
+``checkpoints`` folder for torchvision, the Hugging Face cache for timm) and, when the file is absent and the
+network is off (``HF_HUB_OFFLINE``/``REPRO_OFFLINE`` set, or the host unreachable within a few seconds), fails at
+once with one ReproError. ``checkpoint=<local file>`` is the offline path: any mismatch is one ReproError.
+
+Feature contract (``repro.models``): ``model(x, is_feat=True, preact=False)`` returns ``(features, logits)`` with
+features = [stem, stage 1, ..., stage N, pooled penultimate vector]; ``preact=True`` gives each stem/stage output
+before its final activation (read with a pre-hook on that activation, so the network code stays the library's).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import socket
+import threading
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+from urllib.parse import urlparse
+
+import timm
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torchvision.models import resnet as tv_resnet
+from torchvision.models._api import WeightsEnum
+
+from repro.errors import ReproError
+from repro.models import MODELS, register_model
+from repro.models.vit import _create_pretrained, build_timm_vit
+
+# Wrappers (DDP, torchdistill/mdistiller trainers, this module's MobileNet wrapper) prefix the network's keys.
+_KEY_PREFIXES = ("module.", "model.", "net.", "student.", "backbone.")
+_CONTAINER_KEYS = ("state_dict", "model", "student", "net", "module")
+_CLASSIFIER_PREFIXES = ("fc.", "classifier.")
+_PROBE_TIMEOUT_S = 3.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the feature contract for networks that do not speak it natively
+
+@contextmanager
+def _inputs_of(activations: list[nn.Module]) -> Iterator[list[Optional[Tensor]]]:
+    """While active, slot i holds the input of the *last* call of ``activations[i]`` (a pre-activation map).
+
+    Activations run in place, so the input is cloned before the activation overwrites it. A block calls its
+    activation module more than once (torchvision's BasicBlock reuses ``relu``); the last call is the block's
+    output, which is the one kept.
+    """
+    captured: list[Optional[Tensor]] = [None] * len(activations)
+
+    def keeper(slot: int):
+        def hook(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            captured[slot] = args[0].clone()
+
+        return hook
+
+    handles = [act.register_forward_pre_hook(keeper(i)) for i, act in enumerate(activations)]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class FeatureResNet(tv_resnet.ResNet):
+    """torchvision's ImageNet ResNet (same modules, same state-dict keys) under the repro feature contract."""
+
+    def _final_activations(self) -> list[nn.Module]:
+        # The stem's ReLU, then each stage's last block's ReLU (its last call is the residual sum's activation).
+        return [self.relu, *(stage[-1].relu for stage in self._stages())]
+
+    def _stages(self) -> list[nn.Sequential]:
+        return [self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def _forward_all(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
+        x = self.relu(self.bn1(self.conv1(x)))
+        feats = [x]
+        x = self.maxpool(x)
+        for stage in self._stages():
+            x = stage(x)
+            feats.append(x)
+        pooled = torch.flatten(self.avgpool(x), 1)
+        return [*feats, pooled], self.fc(pooled)
+
+    def forward(self, x: Tensor, is_feat: bool = False, preact: bool = False
+                ) -> Tensor | tuple[list[Tensor], Tensor]:
+        if not is_feat:
+            return super().forward(x)
+        if not preact:
+            return self._forward_all(x)
+        with _inputs_of(self._final_activations()) as pre:
+            feats, logits = self._forward_all(x)
+        return [*pre, feats[-1]], logits
+
+
+class FeatureMobileNetV1(nn.Module):
+    """timm's MobileNet-V1 (an ``EfficientNet`` module, kept whole in ``self.net``) under the feature contract."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def _final_activations(self) -> list[nn.Module]:
+        # timm folds the activation into BatchNormAct2d (``.act``); a stage ends with its last block's bn2.
+        return [self.net.bn1.act, *(stage[-1].bn2.act for stage in self.net.blocks)]
+
+    def _forward_all(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
+        net = self.net
+        x = net.bn1(net.conv_stem(x))
+        feats = [x]
+        for stage in net.blocks:
+            x = stage(x)
+            feats.append(x)
+        x = net.bn2(net.conv_head(x))  # identities for MobileNet-V1; kept so the head is timm's own
+        pooled = net.forward_head(x, pre_logits=True)
+        return [*feats, pooled], net.get_classifier()(pooled)
+
+    def forward(self, x: Tensor, is_feat: bool = False, preact: bool = False
+                ) -> Tensor | tuple[list[Tensor], Tensor]:
+        if not is_feat:
+            return self.net(x)
+        if not preact:
+            return self._forward_all(x)
+        with _inputs_of(self._final_activations()) as pre:
+            feats, logits = self._forward_all(x)
+        return [*pre, feats[-1]], logits
+
+
+# ----------------------------------------------------------------------------------------------------------
+# weights: offline-first
+
+def offline_requested() -> bool:
+    """``HF_HUB_OFFLINE`` is this project's switch for runs without network; ``REPRO_OFFLINE`` says it for every hub."""
+    return any(os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+               for name in ("HF_HUB_OFFLINE", "REPRO_OFFLINE"))
+
+
+def host_reachable(host: str, port: int = 443, timeout_s: float = _PROBE_TIMEOUT_S) -> bool:
+    """One TCP connect, name lookup included, bounded by ``timeout_s`` (a lookup alone can hang far longer)."""
+    outcome: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+            outcome.append(True)
+        except OSError:
+            outcome.append(False)
+
+    worker = threading.Thread(target=probe, daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    return bool(outcome and outcome[0])
+
+
+def cached_hub_file(url: str) -> Path:
+    """Where ``torch.hub.load_state_dict_from_url`` keeps (or would keep) the file of ``url``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def _check_hash_prefix(path: Path) -> None:
+    """torchvision file names end in the first hex digits of the file's sha256 (``resnet18-f37072fd.pth``)."""
+    match = re.search(r"-([a-f0-9]{6,})\.", path.name)
+    if not match:
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if not digest.hexdigest().startswith(match.group(1)):
+        raise ReproError(f"cached weights {path} are corrupt (sha256 does not start with {match.group(1)}); "
+                         f"delete the file and fetch it again")
+
+
+def torchvision_state_dict(weights: WeightsEnum) -> dict[str, Tensor]:
+    """The state dict of torchvision ``weights`` from the local torch.hub cache, downloading only when online."""
+    url = weights.url
+    path = cached_hub_file(url)
+    if not path.is_file():
+        host = urlparse(url).hostname or "download.pytorch.org"
+        if offline_requested() or not host_reachable(host):
+            why = "offline mode is set (HF_HUB_OFFLINE/REPRO_OFFLINE)" if offline_requested() else f"{host} is unreachable"
+            raise ReproError(f"pretrained weights {weights} are not in the local cache ({path}) and {why}; "
+                             f"put the file there (from {url}) or pass checkpoint=<local file>")
+        try:
+            torch.hub.load_state_dict_from_url(url, progress=False, check_hash=True)
+        except Exception as err:  # network, disk and hash errors all mean "no weights" to the user
+            raise ReproError(f"downloading {url} failed: {type(err).__name__}: {err}") from None
+    _check_hash_prefix(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ReproError(f"cached weights {path} could not be read: {type(err).__name__}: {err}") from None
+
+
+def _read_checkpoint(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        pass
+    try:  # torchdistill / mdistiller checkpoints pickle their argparse namespace; the user named this local file
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ReproError(f"checkpoint {path} could not be read: {type(err).__name__}: {err}") from None
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, Tensor) for v in obj.values())
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
+    for _ in range(4):  # trainers nest the weights at most a few levels deep
+        if _is_state_dict(obj):
+            break
+        inner = next((obj[k] for k in _CONTAINER_KEYS if isinstance(obj, dict) and isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not _is_state_dict(obj):
+        keys = sorted(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
+        raise ReproError(f"checkpoint {path} holds no state dict of tensors (top-level keys: {keys})")
+    return dict(obj)
+
+
+def _strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    for prefix in _KEY_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            return _strip_prefixes({k[len(prefix):]: v for k, v in state.items()})
+    return state
+
+
+def load_weights(net: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """Load ``state`` into ``net``: every weight must be there with its shape, and nothing else.
+
+    A classifier of another class count (a 1000-class file into a 10-class model) is left at its initialisation,
+    with a warning, as fine-tuning scripts do. Missing BatchNorm ``num_batches_tracked`` counters (old torchvision
+    files) are filled in by BatchNorm itself.
+    """
+    own = net.state_dict()
+    state = _strip_prefixes(state)
+    wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    heads = [k for k in wrong if k.startswith(_CLASSIFIER_PREFIXES)]
+    wrong = [k for k in wrong if k not in heads]
+    if wrong:
+        details = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:4])
+        raise ReproError(f"{source} does not fit the model ({len(wrong)} shape mismatches: {details})")
+    unexpected = sorted(k for k in state if k not in own)
+    if unexpected:
+        raise ReproError(f"{source} does not fit the model: {len(unexpected)} weights the model does not have, "
+                         f"e.g. {unexpected[:4]} (another architecture?)")
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")
+               and not k.startswith(_CLASSIFIER_PREFIXES)]
+    if missing:
+        raise ReproError(f"{source} does not fit the model: {len(missing)} weights missing, e.g. {missing[:4]}")
+    net.load_state_dict({k: v for k, v in state.items() if k not in heads}, strict=False)
+    if heads or any(k.startswith(_CLASSIFIER_PREFIXES) and k not in state for k in own):
+        warnings.warn(f"{source}: classifier left at its initialisation (absent or of another class count)",
+                      stacklevel=3)
+
+
+def load_checkpoint_file(net: nn.Module, checkpoint: str | os.PathLike) -> None:
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise ReproError(f"checkpoint file not found: {path}")
+    load_weights(net, _unwrap(_read_checkpoint(path), path), f"checkpoint {path}")
+
+
+def _reject_both(name: str, pretrained: bool, checkpoint: Optional[str]) -> None:
+    if pretrained and checkpoint:
+        raise ReproError(f"{name}: give either pretrained=True or checkpoint=..., not both")
+    if checkpoint and not Path(checkpoint).expanduser().is_file():  # fail before building a large model
+        raise ReproError(f"checkpoint file not found for {name}: {checkpoint}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# factories
+
+_TV_RESNETS: dict[str, tuple[type[nn.Module], list[int], WeightsEnum]] = {
+    "tv_resnet18": (tv_resnet.BasicBlock, [2, 2, 2, 2], tv_resnet.ResNet18_Weights.IMAGENET1K_V1),
+    "tv_resnet34": (tv_resnet.BasicBlock, [3, 4, 6, 3], tv_resnet.ResNet34_Weights.IMAGENET1K_V1),
+    "tv_resnet50": (tv_resnet.Bottleneck, [3, 4, 6, 3], tv_resnet.ResNet50_Weights.IMAGENET1K_V1),
+    "tv_resnet101": (tv_resnet.Bottleneck, [3, 4, 23, 3], tv_resnet.ResNet101_Weights.IMAGENET1K_V1),
+    "tv_resnet152": (tv_resnet.Bottleneck, [3, 8, 36, 3], tv_resnet.ResNet152_Weights.IMAGENET1K_V1),
+}
+
+
+def build_tv_resnet(name: str, num_classes: int = 1000, pretrained: bool = False,
+                    checkpoint: Optional[str] = None) -> FeatureResNet:
+    """A torchvision ImageNet ResNet by registry name (``tv_resnet18`` ... ``tv_resnet152``)."""
+    if name not in _TV_RESNETS:
+        raise ReproError(f"unknown torchvision ResNet {name!r}; known: {', '.join(_TV_RESNETS)}")
+    _reject_both(name, pretrained, checkpoint)
+    block, layers, weights = _TV_RESNETS[name]
+    model = FeatureResNet(block, layers, num_classes=num_classes)
+    if pretrained:
+        load_weights(model, torchvision_state_dict(weights), f"torchvision weights {weights}")
+    elif checkpoint:
+        load_checkpoint_file(model, checkpoint)
+    return model
+
+
+def build_mobilenet_v1(num_classes: int = 1000, pretrained: bool = False, checkpoint: Optional[str] = None,
+                       act_layer: str = "relu", **timm_kwargs: Any) -> FeatureMobileNetV1:
+    """MobileNet-V1 1.0 from timm's ``mobilenetv1_100`` definition (ReLU by default, see the module docstring)."""
+    _reject_both("mobilenet_v1", pretrained, checkpoint)
+    kwargs = dict(num_classes=num_classes, act_layer=act_layer, **timm_kwargs)
+    if pretrained:
+        if act_layer != "relu6":
+            raise ReproError("mobilenet_v1: timm's pretrained MobileNet-V1 weights were trained with ReLU6; "
+                             "pass act_layer='relu6' with pretrained=True (or a ReLU checkpoint=<local file>)")
+        net = _create_pretrained("mobilenetv1_100.ra4_e3600_r224_in1k", **kwargs)
+    else:
+        net = timm.create_model("mobilenetv1_100", **kwargs)
+    model = FeatureMobileNetV1(net)
+    if checkpoint:
+        load_checkpoint_file(net, checkpoint)  # timm keys; this wrapper's own "net." prefix is stripped
+    return model
+
+
+def _tv_factory(name: str):
+    def factory(num_classes: int = 1000, pretrained: bool = False, checkpoint: Optional[str] = None) -> FeatureResNet:
+        return build_tv_resnet(name, num_classes, pretrained, checkpoint)
+
+    factory.__name__ = name
+    return factory
+
+
+def _deit3_factory(timm_name: str):
+    def factory(num_classes: int = 1000, **kwargs: Any) -> nn.Module:
+        return build_timm_vit(timm_name, num_classes, **kwargs)
+
+    factory.__name__ = timm_name
+    return factory
+
+
+for _name in _TV_RESNETS:
+    register_model(_name)(_tv_factory(_name))
+register_model("mobilenet_v1")(build_mobilenet_v1)
+
+# DeiT III-Small (WTTM Table 13's teacher): the ViT family does not register it (yet); skip names it already has.
+for _name in ("deit3_small_patch16_224", "deit3_small_patch16_224.fb_in1k", "deit3_small_patch16_224.fb_in22k_ft_in1k"):
+    if _name not in MODELS:
+        register_model(_name)(_deit3_factory(_name))
