@@ -47,7 +47,8 @@ def _plan(spec_ref: str, args: argparse.Namespace):
     from repro.spec import load_spec
 
     spec = load_spec(spec_ref)
-    return make_plan(spec, args.tier, args.seeds, teacher_gate=not args.no_teacher_gate)
+    return make_plan(spec, args.tier, args.seeds, teacher_gate=not args.no_teacher_gate,
+                     teacher_source=args.teachers)
 
 
 def _print_plan(plan, store, device, estimate: bool = True) -> float:
@@ -189,6 +190,12 @@ def cmd_teachers(args: argparse.Namespace) -> int:
     if args.action == "train":
         args.output = "wttm-teachers"
         return cmd_table(args)
+    if args.action == "cache":
+        from repro.teacher_outputs import cache_teachers
+
+        for run_id, computed in cache_teachers(_plan(args.spec, args), _store(args), _device(args)):
+            print(f"teacher {run_id}: {computed} views computed")
+        return 0
     raise ReproError(f"unknown teachers action {args.action!r}")
 
 
@@ -203,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the paper's run count)")
             p.add_argument("--no-teacher-gate", action="store_true",
                            help="use checkpoint teachers even when their accuracy is off the reported value")
+            p.add_argument("--teachers", choices=["train", "checkpoint", "pretrained"], default=None,
+                           help="where teachers come from (default: the spec's tier setting)")
         p.add_argument("--runs", default=None, help="run store folder (default: $REPRO_RUNS or ./runs)")
         p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
         p.add_argument("--tables", default="tables", help="where markdown/CSV tables are written")
@@ -238,9 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="pending / done / failed runs in the store")
     p.add_argument("-v", "--verbose", action="store_true")
     common(p, tier=False)
-    p = sub.add_parser("teachers", help="fetch the public CIFAR teachers or train them")
-    p.add_argument("action", choices=["fetch", "train"])
-    p.add_argument("--dest", default="teachers/cifar100")
+    p = sub.add_parser("teachers", help="fetch the public CIFAR teachers, train them, or precompute their outputs")
+    p.add_argument("action", choices=["fetch", "train", "cache"])
+    p.add_argument("--dest", default="teachers/cifar100", help="fetch: where the checkpoints go")
+    p.add_argument("--spec", default="wttm/cifar100-table1", help="cache: the spec whose teachers to cache")
     common(p)
     running(p)
     return parser

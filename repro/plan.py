@@ -58,12 +58,15 @@ def file_sha256(path: Path) -> str:
 
 
 class Planner:
-    def __init__(self, spec: Spec, tier: str, seeds: Optional[int] = None, teacher_gate: bool = True) -> None:
+    def __init__(self, spec: Spec, tier: str, seeds: Optional[int] = None, teacher_gate: bool = True,
+                 teacher_source: Optional[str] = None) -> None:
         self.teacher_gate = teacher_gate
         self.spec = spec
         self.tier = tier
         self.seeds_override = seeds
         self.recipe = spec.recipe_for(tier)
+        if teacher_source is not None:  # --teachers: e.g. students of the full tier from teachers trained here
+            self.recipe.teachers.source = teacher_source  # type: ignore[assignment]
         self.runs: dict[str, PlannedRun] = {}
 
     # -- public ---------------------------------------------------------------------------------------------
@@ -196,7 +199,8 @@ def resolve_losses(method: MethodDef, cell: Optional[Cell]) -> dict[str, dict[st
     return losses
 
 
-def make_plan(spec: Spec, tier: str, seeds: Optional[int] = None, teacher_gate: bool = True) -> Plan:
+def make_plan(spec: Spec, tier: str, seeds: Optional[int] = None, teacher_gate: bool = True,
+              teacher_source: Optional[str] = None) -> Plan:
     if seeds is not None and seeds < 1:
         raise ReproError(f"--seeds must be at least 1, got {seeds}")
-    return Planner(spec, tier, seeds, teacher_gate).plan()
+    return Planner(spec, tier, seeds, teacher_gate, teacher_source).plan()

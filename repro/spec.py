@@ -110,6 +110,7 @@ class Recipe(Strict):
     flush_denormal: bool = True
     compile: bool = False
     teacher_cache: bool = False
+    teacher_cache_dtype: Literal["float16", "float32"] = "float16"  # float16: ~1.6 GB for CIFAR-100's 162 views
     deterministic: bool = True
     clip_grad_norm: Optional[PositiveFloat] = None
 

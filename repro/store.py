@@ -5,9 +5,12 @@
 - ``checkpoint.pt`` the last epoch's full state (model, optimizer, terms, epoch, every RNG state)
 - ``model.pt``      the final weights (what a student run loads when this run is its teacher)
 - ``result.json``   the outcome (best/last top-1, status, device, versions, commit, deviations)
+- ``.lock``         held while a process trains the run (``repro.locks``: one trainer per run, stale-lock recovery)
+- ``job.json``      the executor job (local/slurm) last submitted for the run, for ``repro status``
 
 Every write is atomic (temp file + fsync + rename), so a run killed at any moment leaves either the previous or the
-next complete file, never a torn one.
+next complete file, never a torn one. In a multi-process run only rank 0 writes (a write from another rank is a
+bug and raises).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from repro.errors import ReproError
+from repro.locks import RunLock
 
 # Fields that say where things are on this machine, not what is computed: excluded from the run id.
 NON_IDENTITY_PATHS = (("recipe", "data", "root"), ("recipe", "data", "download"), ("recipe", "teachers", "root"))
@@ -41,7 +45,14 @@ def run_id_of(config: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:16]
 
 
+def _check_writer() -> None:
+    # Every rank of a DDP run computes the same files; two writers would race on the same temp-and-rename.
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        raise RuntimeError("only rank 0 writes to the run store")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _check_writer()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
@@ -61,6 +72,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
+    _check_writer()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -131,6 +143,23 @@ class RunStore:
 
     def model_path(self, run_id: str) -> Path:
         return self.run_dir(run_id) / "model.pt"
+
+    def lock_path(self, run_id: str) -> Path:
+        return self.run_dir(run_id) / ".lock"
+
+    def lock(self, run_id: str) -> RunLock:
+        """The run's lock: whoever holds it is the only process training the run."""
+        return RunLock(self.lock_path(run_id))
+
+    def write_job(self, run_id: str, job: dict[str, Any]) -> None:
+        atomic_write_json(self.run_dir(run_id) / "job.json", job)
+
+    def job(self, run_id: str) -> Optional[dict[str, Any]]:
+        path = self.run_dir(run_id) / "job.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
 
     def run_ids(self) -> Iterator[str]:
         if self.root.is_dir():

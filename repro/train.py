@@ -3,6 +3,11 @@
 It knows models, loss terms and data pipelines, never specs or YAML: its input is a run's resolved config.
 Resume is exact: each epoch's data order and augmentation are a pure function of (seed, epoch), and the
 checkpoint written at the end of every epoch holds model, optimizer, loss-term state and every RNG state.
+
+On several processes (``repro.distributed``) each rank trains on its slice of every global batch under DDP, with
+SyncBatchNorm by default; evaluation is split across ranks and summed, so every test image counts once. Only
+rank 0 writes checkpoints and results; checkpoints hold plain (unwrapped) state dicts, so a run resumes at any
+world size.
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from repro import distributed
+from repro.distributed import ScaleOptions, all_reduce_sum
 from repro.errors import ReproError
 from repro.methods import Distiller, TermContext, get_term
 from repro.methods.base import Batch, TeacherFn, forward_model
@@ -95,25 +102,49 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # -- evaluation --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, autocast: Callable[[], Any] = nullcontext) -> dict[str, float]:
-    """Top-1 / top-5 (%) over the whole test loader, model in eval mode."""
+def evaluate(model: nn.Module, loader: Any, autocast: Callable[[], Any] = nullcontext,
+             sharded: bool = False) -> dict[str, float]:
+    """Top-1 / top-5 (%) over the whole test loader, model in eval mode.
+
+    ``sharded``: the loader yields this rank's share of the test set; the counts are summed over ranks, so each
+    test image counts exactly once whatever the world size (no padding, no duplicates). ``images`` is that count.
+    """
     was_training = model.training
     model.eval()
-    correct1 = correct5 = total = 0
+    counts = torch.zeros(3, dtype=torch.float64)  # correct top-1, correct top-5, images
     for batch in loader:
+        if batch.labels.numel() == 0:
+            continue  # a rank's share of a batch smaller than the world
         with autocast():
             logits = model(batch.images)
         logits = logits.float()
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         hits = top.eq(batch.labels.view(-1, 1))
-        correct1 += int(hits[:, 0].sum())
-        correct5 += int(hits.any(dim=1).sum())
-        total += int(batch.labels.numel())
+        counts += torch.tensor([int(hits[:, 0].sum()), int(hits.any(dim=1).sum()), int(batch.labels.numel())],
+                               dtype=torch.float64)
     model.train(was_training)
+    if sharded:
+        counts = all_reduce_sum(counts.to(_collective_device(loader))).cpu()
+    correct1, correct5, total = (int(c) for c in counts.tolist())
     if total == 0:
         raise ReproError("the test set is empty")
-    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total}
+    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "images": total}
+
+
+def shard_for_evaluation(loader: Any) -> tuple[Any, bool]:
+    """``(loader, sharded)``: this rank's share of the test set when the loader can split it; otherwise every rank
+    evaluates the whole set (slower, equally exact)."""
+    par = distributed.current()
+    if par.distributed and hasattr(loader, "shard"):
+        return loader.shard(par.rank, par.world_size), True
+    return loader, False
+
+
+def _collective_device(loader: Any) -> torch.device:
+    # NCCL reduces CUDA tensors only; gloo takes CPU tensors.
+    device = torch.device(getattr(loader, "device", "cpu"))
+    return device if device.type == "cuda" else torch.device("cpu")
 
 
 def mean_entropy(logits: torch.Tensor) -> float:
@@ -125,15 +156,18 @@ def mean_entropy(logits: torch.Tensor) -> float:
 # -- one run -------------------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, config: dict[str, Any], store: RunStore, run_id: str, device: torch.device,
-                 resolved: Resolved, progress: bool = True) -> None:
+                 resolved: Resolved, progress: bool = True, options: Optional[ScaleOptions] = None) -> None:
         self.config = config
         self.store = store
         self.run_id = run_id
         self.device = device
         self.resolved = resolved
-        self.progress = progress
+        self.options = options or ScaleOptions()
+        self.par = distributed.current()
+        self.progress = progress and self.par.is_main
         self.recipe = Recipe.model_validate(_recipe_with_defaults(config["recipe"]))
         self.seed = int(config["seed"])
+        self.mapping = distributed.map_batch(self.recipe.batch_size, self.par.world_size, self.options)
 
     def _autocast(self) -> Any:
         if self.recipe.precision == "bf16":
@@ -143,14 +177,20 @@ class Trainer:
     def _build(self) -> None:
         recipe = self.recipe
         self.deviations = configure_numerics(recipe, self.device, self.seed)
+        if self.mapping.rescaled:  # the pipeline batches the global batch actually trained with
+            recipe = recipe.model_copy(update={"batch_size": self.mapping.global_batch})
         self.data: DataBundle = build_pipeline(recipe, self.seed, self.device)
+        self.train_loader, _ = distributed.shard_loader(self.data.train, self.par, recipe.pipeline)
+        self.test_loader, self.test_sharded = shard_for_evaluation(self.data.test)
+        if self.par.distributed:
+            distributed.check_tail(self.data.train_size, self.mapping)
         model_cfg = self.config["model"]
         torch.manual_seed(self.seed)  # weights depend on the seed alone, not on what the pipeline drew
         student = create_model(model_cfg["arch"], num_classes=model_cfg["num_classes"], **model_cfg.get("args", {}))
         if self.resolved.init_state is not None:
             self.deviations.append(f"initialised from run {self.config['init']['run']} "
                                    f"({load_matching(student, self.resolved.init_state)} tensors)")
-        student = student.to(self.device)
+        student = distributed.prepare_model(student, self.par, self.options).to(self.device)
         if recipe.channels_last:
             student = student.to(memory_format=torch.channels_last)
         self.student = student
@@ -168,11 +208,38 @@ class Trainer:
         wants_features = any(term.features for _, term in terms.values())  # the cache holds logits only
         self.distiller = Distiller(student, self.resolved.teacher, terms,
                                    teacher_fn=None if wants_features else self._teacher_fn())
-        self.lr = effective_lr(recipe.optimizer, recipe.batch_size)
+        self.lr = self._learning_rate()
         self.optimizer = OPTIMIZERS.get(recipe.optimizer.name)([student, self.distiller.terms], recipe.optimizer,
                                                                self.lr)
         self.scheduler = SCHEDULES.get(recipe.schedule.name)(self.optimizer, recipe.schedule, recipe.epochs)
         self.forward_student = torch.compile(student) if recipe.compile else student
+        self.deviations += self._scale_deviations()
+
+    def _learning_rate(self) -> float:
+        """The recipe's lr at the recipe's global batch; a rescaled global batch scales it linearly (unless the
+        recipe's own scaling rule already depends on the global batch)."""
+        optimizer, m = self.recipe.optimizer, self.mapping
+        if not m.rescaled or optimizer.lr_scale_base_batch:
+            return effective_lr(optimizer, m.global_batch)
+        return effective_lr(optimizer, m.recipe_batch) * m.global_batch / m.recipe_batch
+
+    def _scale_deviations(self) -> list[str]:
+        """What the multi-process mapping changes with respect to the single-device recipe."""
+        m, notes = self.mapping, []
+        if m.rescaled:
+            notes.append(f"global batch {m.recipe_batch} rescaled to {m.global_batch} for {m.world_size} processes "
+                         f"(lr {self.lr:g})")
+        has_bn = distributed.has_batchnorm(self.student)
+        if has_bn and m.world_size > 1 and self.options.bn == "per-device":
+            notes.append(f"BatchNorm statistics per device ({m.per_device_batch} images), not over the global batch")
+        if has_bn and m.grad_accum_steps > 1:
+            notes.append(f"BatchNorm statistics over micro-batches of {m.per_device_batch * m.world_size} images "
+                         f"({m.grad_accum_steps} accumulation steps)")
+        if m.world_size > 1:
+            for name in distributed.stateful_terms(self.distiller.terms):
+                notes.append(f"loss term {name}: its state (e.g. a memory bank) is updated by each of the "
+                             f"{m.world_size} processes from its own slice of the batch; rank 0's is kept")
+        return notes
 
     def _sample_batches(self, n: int) -> Any:
         """The first n batches of epoch 1's order (the loader's order is a function of (seed, epoch) alone, so
@@ -216,15 +283,18 @@ class Trainer:
 
     # -- state -----------------------------------------------------------------------------------------------
     def _save_checkpoint(self, epoch: int, best: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        if not self.par.is_main:
+            return  # every rank holds the same state; one writer
         atomic_torch_save(self.store.checkpoint_path(self.run_id), {
             "epoch": epoch,
-            "model": self.student.state_dict(),
+            "model": self.student.state_dict(),  # unwrapped: loads at any world size
             "terms": self.distiller.terms.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "best": best,
             "history": history,
             "rng": rng_state(),
+            "mapping": self.mapping.fields(),  # informative only: resuming at another world size is fine
         })
         self.store.write_metrics(self.run_id, history)
 
@@ -238,15 +308,18 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
-        self.store.write_metrics(self.run_id, state["history"])  # drop lines written after that checkpoint
+        if self.par.is_main:
+            self.store.write_metrics(self.run_id, state["history"])  # drop lines written after that checkpoint
         return int(state["epoch"]), state["best"], state["history"]
 
     # -- loop --------------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         self._build()
         start_epoch, best, history = self._load_checkpoint()
+        # Wrapped after loading: DDP starts by giving every rank rank 0's weights, the resumed ones.
+        self.train_step = distributed.wrap_train_step(self.distiller, self.par, self.device, self.options)
         epochs = self.recipe.epochs
-        steps_per_epoch = len(self.data.train)
+        steps_per_epoch = len(self.train_loader)
         bar = tqdm(total=epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, desc=self.run_id[:8],
                    leave=False, disable=not self.progress, mininterval=1.0, unit="step")
         images_seen, train_seconds = 0, 0.0
@@ -256,7 +329,7 @@ class Trainer:
             sums, n_images = self._train_epoch(epoch, bar)
             train_seconds += time.perf_counter() - t0
             images_seen += n_images
-            scores = evaluate(self.forward_student, self.data.test, self._autocast)
+            scores = evaluate(self.forward_student, self.test_loader, self._autocast, sharded=self.test_sharded)
             means = {k: v / max(n_images, 1) for k, v in sums.items()}
             row = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
                    **{f"loss_{k}": v for k, v in means.items() if k != "entropy"},
@@ -267,45 +340,76 @@ class Trainer:
                 best = {"top1": scores["top1"], "top5": scores["top5"], "epoch": epoch}
             self._save_checkpoint(epoch, best, history)
         bar.close()
-        atomic_torch_save(self.store.model_path(self.run_id), self.student.state_dict())
+        if self.par.is_main:
+            atomic_torch_save(self.store.model_path(self.run_id), self.student.state_dict())
         last = history[-1]
         return {
             "best_top1": best["top1"], "best_top5": best.get("top5"), "best_epoch": best["epoch"],
             "last_top1": last["test_top1"], "last_top5": last["test_top5"], "epochs": epochs,
             "final_entropy": last.get("entropy"),
             "images_per_s": images_seen / train_seconds if train_seconds > 0 else None,
-            "lr": self.lr, "world_size": 1, "global_batch": self.recipe.batch_size,
-            "per_device_batch": self.recipe.batch_size, "grad_accum_steps": 1,
+            "lr": self.lr, **self.mapping.fields(),
+            "sync_batchnorm": self.par.distributed and self.options.bn == "sync"
+                              and distributed.has_batchnorm(self.student),
             "data_fingerprint": self.data.fingerprint, "deviations": self.deviations,
         }
 
     def _train_epoch(self, epoch: int, bar: Any) -> tuple[dict[str, float], int]:
-        self.distiller.train()
-        self.data.train.set_epoch(epoch)
+        """One epoch; returns the loss sums (weighted by images) and the images seen, over all ranks."""
+        self.train_step.train()
+        self.train_loader.set_epoch(epoch)
         sums: dict[str, float] = {}
         n_images = 0
-        for step, batch in enumerate(self.data.train):
+        for step, batch in enumerate(self.train_loader):
             batch.epoch = epoch
-            with self._autocast():
-                logits, losses = self.distiller.forward_train(batch)
-            total = sum(losses.values())
-            if not torch.isfinite(total):
-                values = {k: float(v.detach()) for k, v in losses.items()}
-                raise RunFailed(f"non-finite loss at epoch {epoch}, step {step + 1}: {values}",
-                                epoch=epoch, step=step + 1, losses=values)
             self.optimizer.zero_grad(set_to_none=True)
-            total.backward()
+            global_count = self._global_count(batch, step)
+            micro_batches = distributed.split_batch(batch, self.mapping.grad_accum_steps)
+            for number, micro in enumerate(micro_batches):
+                # DDP all-reduces gradients on the last micro-batch's backward only.
+                syncing = number == len(micro_batches) - 1 or not self.par.distributed
+                with nullcontext() if syncing else self.train_step.no_sync():
+                    b, losses, total, logits = self._micro_step(micro, global_count, epoch, step)
+                n_images += b
+                for name, value in losses.items():
+                    sums[name] = sums.get(name, 0.0) + float(value.detach()) * b
+                sums["total"] = sums.get("total", 0.0) + float(total.detach()) * b
+                sums["entropy"] = sums.get("entropy", 0.0) + mean_entropy(logits) * b
             if self.recipe.clip_grad_norm:
                 nn.utils.clip_grad_norm_(self.student.parameters(), self.recipe.clip_grad_norm)
             self.optimizer.step()
-            b = int(batch.labels.numel())
-            n_images += b
-            for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach()) * b
-            sums["total"] = sums.get("total", 0.0) + float(total.detach()) * b
-            sums["entropy"] = sums.get("entropy", 0.0) + mean_entropy(logits) * b
             bar.update(1)
-        return sums, n_images
+        return self._reduce_sums(sums, n_images)
+
+    def _micro_step(self, micro: Any, global_count: int, epoch: int,
+                    step: int) -> tuple[int, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        with self._autocast():
+            logits, losses = self.train_step(micro)
+        total = sum(losses.values())
+        if distributed.any_rank(not bool(torch.isfinite(total)), self.device):
+            values = {k: float(v.detach()) for k, v in losses.items()}
+            raise RunFailed(f"non-finite loss at epoch {epoch}, step {step + 1}: {values}",
+                            epoch=epoch, step=step + 1, losses=values)
+        b = int(micro.labels.numel())
+        # Each slice's mean loss, scaled so that DDP's average over ranks (and the sum over micro-batches) is the
+        # mean over the global batch: exactly 1 when the batch splits evenly and nothing accumulates.
+        scale = b * self.par.world_size / global_count
+        (total if scale == 1.0 else total * scale).backward()
+        return b, losses, total, logits
+
+    def _global_count(self, batch: Any, step: int) -> int:
+        """Images in this step's global batch (all ranks, all micro-batches)."""
+        if not self.par.distributed:
+            return int(batch.labels.numel())
+        return int(self.train_loader.global_batch_size(step))
+
+    def _reduce_sums(self, sums: dict[str, float], n_images: int) -> tuple[dict[str, float], int]:
+        if not self.par.distributed:
+            return sums, n_images
+        names = sorted(sums)  # every rank runs the same terms, hence the same keys
+        values = torch.tensor([sums[k] for k in names] + [float(n_images)], dtype=torch.float64)
+        values = all_reduce_sum(values.to(self.device if self.device.type == "cuda" else "cpu")).cpu().tolist()
+        return dict(zip(names, values[:-1])), int(values[-1])
 
 
 def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> int:
@@ -324,16 +428,20 @@ def _recipe_with_defaults(recipe: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_run(config: dict[str, Any], store: RunStore, run_id: str, device: torch.device, resolved: Resolved,
-              progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) one run and return its result fields (without the environment stamp)."""
-    return Trainer(config, store, run_id, device, resolved, progress).run()
+              progress: bool = True, options: Optional[ScaleOptions] = None) -> dict[str, Any]:
+    """Train (or resume) one run and return its result fields (without the environment stamp).
+
+    Inside a process group every rank calls this; the returned fields are the same on every rank."""
+    return Trainer(config, store, run_id, device, resolved, progress, options).run()
 
 
 def evaluate_model(model: nn.Module, recipe_dict: dict[str, Any], device: torch.device) -> dict[str, float]:
-    """Top-1/top-5 of a model on the recipe's test split (the teacher-accuracy gate uses it)."""
+    """Top-1/top-5 of a model on the recipe's test split (the teacher-accuracy gate uses it); split across the
+    ranks of a process group when the test loader can be."""
     recipe = Recipe.model_validate(_recipe_with_defaults(recipe_dict))
     data = build_pipeline(recipe, 0, device)
-    return evaluate(model.to(device), data.test)
+    loader, sharded = shard_for_evaluation(data.test)
+    return evaluate(model.to(device), loader, sharded=sharded)
 
 
 def stamp(result: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -10,6 +10,7 @@ a pure function of (seed, epoch): the same on CPU and CUDA, and re-derived exact
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 from typing import Iterator, Optional, Sequence
 
@@ -102,11 +103,15 @@ class TensorLoader:
 
     ``train=True`` shuffles every epoch (and augments if ``augment``); ``train=False`` keeps dataset order and
     never augments. Call ``set_epoch(epoch)`` (1-based) before iterating an epoch.
+
+    ``batch_size`` is the GLOBAL batch. With ``world_size > 1`` (see ``shard``) this loader yields only rank
+    ``rank``'s contiguous slice of each global batch; the slices of all ranks put together are exactly the
+    single-process batch (same images, same views, same order), so every image is seen once per epoch.
     """
 
     def __init__(self, dataset: ImageTensorDataset, batch_size: int, mean: Sequence[float], std: Sequence[float], *,
                  train: bool, augment: bool, seed: int, device: torch.device | str, drop_last: bool = False,
-                 channels_last: bool = False, padding: int = PADDING) -> None:
+                 channels_last: bool = False, padding: int = PADDING, rank: int = 0, world_size: int = 1) -> None:
         if augment and not train:
             raise ReproError("augmentation is for training loaders only; evaluation sees the images as they are")
         if batch_size < 1:
@@ -121,6 +126,22 @@ class TensorLoader:
         self.train, self.augment, self.seed = train, augment, int(seed)
         self.drop_last, self.channels_last, self.padding = drop_last, channels_last, padding
         self.epoch = 1
+        if not 0 <= rank < world_size:
+            raise ReproError(f"rank {rank} is outside a world of {world_size} processes")
+        self.rank, self.world_size = int(rank), int(world_size)
+
+    def shard(self, rank: int, world_size: int) -> "TensorLoader":
+        """The same loader seen from rank ``rank`` of ``world_size`` (shares the device tensors)."""
+        if not 0 <= rank < world_size:
+            raise ReproError(f"rank {rank} is outside a world of {world_size} processes")
+        view = copy.copy(self)
+        view.rank, view.world_size = int(rank), int(world_size)
+        return view
+
+    def global_batch_size(self, number: int) -> int:
+        """Images in global batch ``number`` (0-based) over all ranks: the loss scale of a rank's slice."""
+        count = self.images.shape[0]
+        return min(self.batch_size, count - number * self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -146,6 +167,11 @@ class TensorLoader:
         views = views.to(self.device) if views is not None else None
         for number in range(start, len(self)):
             lo, hi = number * self.batch_size, min((number + 1) * self.batch_size, order.shape[0])
+            if self.world_size > 1:
+                # Contiguous shares, as even as possible: rank r of W takes the r-th of W consecutive pieces.
+                base, extra = divmod(hi - lo, self.world_size)
+                lo += self.rank * base + min(self.rank, extra)
+                hi = lo + base + (1 if self.rank < extra else 0)
             yield self._make_batch(order[lo:hi], views[lo:hi] if views is not None else None)
 
     def __iter__(self) -> Iterator[Batch]:
