@@ -284,7 +284,38 @@ def load_spec(spec_ref: str, check_models: bool = True) -> Spec:
         spec.recipe_for(tier)  # tier overrides must validate too
     if check_models:
         check_model_names(spec)
+        check_loss_terms(spec)
     return spec
+
+
+def check_loss_terms(spec: Spec) -> None:
+    """Every loss term exists and gets exactly the parameters its constructor takes (named when wrong)."""
+    import inspect
+
+    from repro.methods import get_term
+    from repro.plan import resolve_losses
+
+    for i, cell in enumerate(spec.cells):
+        method = spec.methods[cell.method]
+        if method.reported_only is not None or method.role == "teacher":
+            continue
+        for name, params in resolve_losses(method, cell).items():
+            where = f"spec {spec.id}: cells[{i}] ({cell.method}, {cell.student}): loss term {name!r}"
+            signature = inspect.signature(get_term(name).__init__)
+            accepted = [p for p in list(signature.parameters.values())[2:]]  # after self, ctx
+            if any(p.kind is p.VAR_KEYWORD for p in accepted):
+                continue
+            names = {p.name for p in accepted}
+            given = set(params) - {"weight"}
+            unknown = sorted(given - names)
+            if unknown:
+                raise ReproError(f"{where}: unknown parameter(s) {unknown}; it takes {sorted(names)}")
+            missing = sorted(p.name for p in accepted if p.default is p.empty and p.name not in given)
+            if missing:
+                raise ReproError(f"{where}: missing parameter(s) {missing}")
+    for key, mdef in spec.models.items():
+        if mdef.pretrain and mdef.pretrain not in spec.methods:
+            raise ReproError(f"spec {spec.id}: model {key!r} names unknown pretrain method {mdef.pretrain!r}")
 
 
 def _read_base(base: str, spec_file: Path) -> dict[str, Any]:

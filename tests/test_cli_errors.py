@@ -90,3 +90,21 @@ def test_no_traceback_in_a_real_process(tmp_path, workdirs):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_unknown_loss_term_parameter_is_named(tmp_path, capsys, workdirs):
+    spec = write(tmp_path, tiny_with("params: {wttm: {gamma: 0.2", "params: {wttm: {gama: 0.2"))
+    code, err = run_cli(["plan", spec, "--no-estimate"], capsys)
+    assert code == 2 and "'gama'" in err and "gamma" in err
+
+
+def test_missing_loss_term_parameter_is_named(tmp_path, capsys, workdirs):
+    spec = write(tmp_path, tiny_with("params: {wttm: {gamma: 0.2, weight: 2.0}}", "params: {wttm: {weight: 2.0}}"))
+    code, err = run_cli(["plan", spec, "--no-estimate"], capsys)
+    assert code == 2 and "missing parameter(s) ['gamma']" in err
+
+
+def test_unknown_loss_term_is_named(tmp_path, capsys, workdirs):
+    spec = write(tmp_path, tiny_with("Student: {losses: {ce: 1.0}}", "Student: {losses: {ce: 1.0, kdd: 1.0}}"))
+    code, err = run_cli(["plan", spec, "--no-estimate"], capsys)
+    assert code == 2 and "unknown loss term 'kdd'" in err
