@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 from repro.errors import ReproError
 
@@ -68,7 +69,7 @@ class RunSizes:
     batch_size: int
 
 
-FULL_SIZES = RunSizes(steps=20, warmup=3, batch_size=64)
+FULL_SIZES = RunSizes(steps=15, warmup=2, batch_size=64)  # sized for ~10 min, both pairs, 2 idle cores (estimated)
 QUICK_SIZES = RunSizes(steps=3, warmup=1, batch_size=16)
 QUICK_PAIRS = ("resnet8:resnet8",)
 CIFAR100_TRAIN_IMAGES = 50000
@@ -178,8 +179,6 @@ class PILImages(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
-
         return self.transform(Image.fromarray(self.images[index])), self.labels[index]
 
 
@@ -403,23 +402,52 @@ def _time_steps(harness: Harness, sizes: RunSizes, device: torch.device, counter
     counter.reset()
     if harness.cached is not None:
         harness.cached.hits = harness.cached.misses = 0
-    load_before = os.getloadavg()
+    load_before = os.getloadavg()[0]
     seconds, images = [], []
     for _ in range(sizes.steps):
         start = time.perf_counter()
         images.append(harness.step())
         synchronize(device)
         seconds.append(time.perf_counter() - start)
-    rates = [n / s for n, s in zip(images, seconds)]
-    result = {"img_per_s": round(statistics.median(rates), 2),
-              "img_per_s_mean": round(sum(images) / sum(seconds), 2),
-              "step_ms_median": round(1000 * statistics.median(seconds), 2),
-              "steps": sizes.steps, "warmup": sizes.warmup, "batch_size": sizes.batch_size,
+    result = {"step_seconds": [round(s, 5) for s in seconds], "step_images": images,
               "teacher_calls_timed": counter.calls, "teacher_images_timed": counter.images,
-              "load_avg_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]}
+              "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     if harness.cached is not None:
         result.update(cache_hits_timed=harness.cached.hits, cache_misses_timed=harness.cached.misses)
     return result
+
+
+SUMMED = ("teacher_calls_timed", "teacher_images_timed", "cache_hits_timed", "cache_misses_timed")
+
+
+def merge_rounds(rows: list[dict[str, Any]], sizes: RunSizes) -> dict[str, Any]:
+    """One result from the rounds of a (pair, path): the median and mean over all their timed steps."""
+    seconds = [s for row in rows for s in row["step_seconds"]]
+    images = [n for row in rows for n in row["step_images"]]
+    merged = {key: value for key, value in rows[0].items() if key not in ("step_seconds", "step_images")}
+    merged.update(
+        img_per_s=round(statistics.median(n / s for n, s in zip(images, seconds)), 2),
+        img_per_s_mean=round(sum(images) / sum(seconds), 2),
+        step_ms_median=round(1000 * statistics.median(seconds), 2),
+        img_per_s_by_round=[round(statistics.median(n / s for n, s in zip(row["step_images"], row["step_seconds"])), 2)
+                            for row in rows],
+        rounds=len(rows), steps=sizes.steps, warmup=sizes.warmup, batch_size=sizes.batch_size,
+        load_avg_1min=[value for row in rows for value in row["load_avg_1min"]],
+        rss_peak_mb=max(row["rss_peak_mb"] for row in rows))
+    for key in SUMMED:
+        if key in rows[0]:
+            merged[key] = sum(row[key] for row in rows)
+    return merged
+
+
+def _run_here(job: Job) -> dict[str, Any]:
+    """``run_job`` in this process (test mode), putting the process-wide numeric switches back afterwards."""
+    threads = torch.get_num_threads()
+    try:
+        return run_job(job)
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)  # torch's default: torch has no getter for the previous value
 
 
 def _run_isolated(job: Job) -> dict[str, Any]:
@@ -503,6 +531,7 @@ class BenchConfig:
     output: Path
     quick: bool
     isolate: bool
+    rounds: int = 1
     seed: int = 0
 
 
@@ -514,18 +543,24 @@ def benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> dict[s
     settings = path_settings(config.workers, config.channels_last, config.cache_dtype)
     data = prepare_data(config.data_root, config.quick)
     log(f"data: {data.note}")
-    run = _run_isolated if config.isolate else run_job
-    started, results = time.time(), []
-    for (teacher, student), path in itertools.product(config.pairs, config.paths):
+    run = _run_isolated if config.isolate else _run_here
+    started, raw = time.time(), {}
+    # Rounds interleave the paths, so load that drifts on a shared machine hits every path alike.
+    for number, (teacher, student), path in itertools.product(range(1, config.rounds + 1), config.pairs,
+                                                              config.paths):
         job = Job(teacher, student, path, settings[path], data, config.sizes, str(device), config.threads,
                   config.seed)
-        results.append(run(job))
-        log(f"  {teacher}->{student} {path}: {results[-1]['img_per_s']:.1f} img/s")
+        row = run(job)
+        raw.setdefault((teacher, student, path), []).append(row)
+        rate = statistics.median(n / s for n, s in zip(row["step_images"], row["step_seconds"]))
+        log(f"  round {number}/{config.rounds} {teacher}->{student} {path}: {rate:.1f} img/s")
+    results = [merge_rounds(rows, config.sizes) for rows in raw.values()]
     report = {
         "machine": machine_info(device),
         "setup": {"recipe": RECIPE_TEXT, "data": asdict(data), "teacher_weights": f"random init (seed {config.seed})",
                   "timing": "median over timed steps of images/s per step (fetch batch, forwards, losses, backward, "
-                            "SGD step; CUDA synchronised), after warm-up steps; one fresh process per (pair, path)"
+                            "SGD step; CUDA synchronised), after warm-up steps, pooled over rounds that interleave "
+                            "the paths; one fresh process per (pair, path, round)"
                             if config.isolate else "same, all paths in one process (--no-isolate: test mode)",
                   "rss": "rss_peak_mb: peak resident set of the training process (VmHWM); DataLoader workers are "
                          "separate processes and not included",
@@ -586,6 +621,9 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-isolate", dest="isolate", action="store_false",
                    help="run every path in this process (faster to start; flush-denormal then leaks between "
                         "paths, so only for tests)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every path this many times, interleaved, pooling the timed steps (steadier numbers "
+                        "on a shared machine)")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -595,8 +633,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     sizes = RunSizes(steps=args.steps if args.steps is not None else defaults.steps,
                      warmup=args.warmup if args.warmup is not None else defaults.warmup,
                      batch_size=args.batch_size if args.batch_size is not None else defaults.batch_size)
-    if sizes.steps < 1 or sizes.warmup < 0 or sizes.batch_size < 1:
-        raise ReproError(f"bench needs --steps >= 1, --warmup >= 0 and --batch-size >= 1, got {sizes}")
+    if sizes.steps < 1 or sizes.warmup < 0 or sizes.batch_size < 1 or args.rounds < 1:
+        raise ReproError(f"bench needs --steps >= 1, --warmup >= 0, --batch-size >= 1 and --rounds >= 1, got "
+                         f"{sizes}, rounds={args.rounds}")
     if args.workers < 0 or (args.threads is not None and args.threads < 1):
         raise ReproError("--workers must be >= 0 and --threads >= 1")
     pairs = tuple(_parse_pair(p) for p in (args.pairs or (QUICK_PAIRS if args.quick else DEFAULT_PAIRS)))
@@ -611,7 +650,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(pairs=pairs, paths=tuple(dict.fromkeys(args.paths)), sizes=sizes, workers=args.workers,
                        channels_last=args.channels_last, cache_dtype=args.cache_dtype, threads=args.threads,
                        device=device, data_root=data_root, output=Path(args.output), quick=args.quick,
-                       isolate=args.isolate, seed=args.seed)
+                       isolate=args.isolate, rounds=args.rounds, seed=args.seed)
 
 
 def run_bench(args: argparse.Namespace) -> int:

@@ -199,6 +199,13 @@ def cmd_teachers(args: argparse.Namespace) -> int:
     raise ReproError(f"unknown teachers action {args.action!r}")
 
 
+@command("bench")
+def cmd_bench(args: argparse.Namespace) -> int:
+    from repro.bench import run_bench
+
+    return run_bench(args)
+
+
 # -- parser --------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="repro", description=__doc__)
@@ -253,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", default="wttm/cifar100-table1", help="cache: the spec whose teachers to cache")
     common(p)
     running(p)
+    from repro.bench import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -4,14 +4,17 @@ A recipe fixes the GLOBAL batch. With ``world_size`` processes each process take
 global batch (the slices' union is the single-process batch, in the same order), optionally split again into
 ``grad_accum_steps`` micro-batches. Each slice's loss is scaled by ``slice_size * world_size / global_size``
 so that DDP's gradient average equals the gradient of the mean loss over the global batch, whatever the split.
-BatchNorm layers become ``SyncBatchNorm`` by default, so their statistics are those of the global batch and a
-multi-process run computes what the single-device recipe computes (up to float reduction order).
+BatchNorm statistics are those of the global batch by default (torch's ``SyncBatchNorm`` on CUDA, the same
+computation over gloo on CPU: ``GlobalBatchNorm``), so a multi-process run computes what the single-device recipe
+computes, up to float reduction order.
 
-``repro run ... --nproc N`` re-launches the command line under torch's elastic launcher (what ``torchrun`` runs);
-every rank then executes the plan, rank 0 decides which run comes next and is the only one that writes.
+``repro run ... --nproc N`` re-launches the command line under torch's elastic launcher (what ``torchrun`` runs;
+``torchrun --nproc-per-node N -m repro run ...`` works too); every rank then executes the plan, rank 0 decides which
+run comes next and is the only one that writes.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import os
@@ -78,6 +81,7 @@ def init_from_env(want_cuda: bool = True, quiet_workers: bool = True) -> Paralle
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    atexit.register(shutdown)
     par = current()
     if quiet_workers and not par.is_main:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the worker
@@ -105,11 +109,6 @@ def broadcast_object(obj: Any, par: Optional[Parallel] = None) -> Any:
     box = [obj if par.is_main else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def barrier() -> None:
-    if current().distributed:
-        dist.barrier()
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
@@ -237,12 +236,91 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def prepare_model(model: nn.Module, par: Parallel, options: ScaleOptions) -> nn.Module:
-    """SyncBatchNorm for multi-process runs unless per-device statistics were asked for. Parameters and buffers
-    keep their names, so checkpoints load at any world size."""
-    if par.distributed and options.bn == "sync":
+class _SumOverRanks(torch.autograd.Function):
+    """all_reduce(SUM) with its gradient: the gradient of a sum over ranks is the sum of the ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the global batch, on any backend.
+
+    torch's SyncBatchNorm (used on CUDA) refuses CPU tensors; this is the same computation for gloo: the per-rank
+    channel sums and counts are all-reduced (then the centred squares, two passes for accuracy) through the
+    differentiable ``_SumOverRanks``, so the backward pass sums the statistics' gradients over ranks exactly as a
+    single process holding the whole batch would. Evaluation, and a single process, use plain BatchNorm.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2-D input (got {input.dim()}-D)")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(input)
+        all_reduce = _SumOverRanks.apply
+        dims = [0, *range(2, input.dim())]
+        shape = [1, -1] + [1] * (input.dim() - 2)
+        x = input.float()
+        count = torch.tensor([x.numel() / max(x.shape[1], 1)], dtype=x.dtype, device=x.device)
+        totals = all_reduce(torch.cat([x.sum(dims), count]))
+        n = totals[-1]
+        mean = totals[:-1] / n
+        centred = x - mean.view(shape)
+        var = all_reduce((centred * centred).sum(dims)) / n
+        out = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            self._track(mean.detach(), var.detach(), float(n.detach()))
+        return out.to(input.dtype)
+
+    @torch.no_grad()
+    def _track(self, mean: torch.Tensor, var: torch.Tensor, count: float) -> None:
+        """Running statistics as ``nn.BatchNorm`` keeps them (unbiased variance, momentum or cumulative mean)."""
+        self.num_batches_tracked.add_(1)
+        factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        unbiased = var * (count / max(count - 1.0, 1.0))
+        self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
+        self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
+
+
+def convert_global_batchnorm(module: nn.Module) -> nn.Module:
+    """Every BatchNorm layer of ``module`` as a ``GlobalBatchNorm`` sharing its parameters and buffers."""
+    converted = module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        converted = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                    module.track_running_stats)
+        if module.affine:
+            converted.weight, converted.bias = module.weight, module.bias
+        if module.track_running_stats:
+            converted.running_mean, converted.running_var = module.running_mean, module.running_var
+            converted.num_batches_tracked = module.num_batches_tracked
+        converted.train(module.training)
+    for name, child in module.named_children():
+        converted.add_module(name, convert_global_batchnorm(child))
+    return converted
+
+
+def prepare_model(model: nn.Module, par: Parallel, options: ScaleOptions, device: torch.device) -> nn.Module:
+    """BatchNorm over the global batch for multi-process runs, unless per-device statistics were asked for:
+    torch's SyncBatchNorm on CUDA, ``GlobalBatchNorm`` elsewhere. Parameters and buffers keep their names, so
+    checkpoints load at any world size."""
+    if not (par.distributed and options.bn == "sync"):
+        return model
+    if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model
+    return convert_global_batchnorm(model)
 
 
 class TrainStep(nn.Module):
@@ -265,10 +343,20 @@ def wrap_train_step(distiller: nn.Module, par: Parallel, device: torch.device, o
     from torch.nn.parallel import DistributedDataParallel
 
     term_params = any(p.requires_grad for p in distiller.terms.parameters())
-    return DistributedDataParallel(
-        step, device_ids=[device.index] if device.type == "cuda" else None,
-        # With SyncBatchNorm every rank already holds the same running statistics; per-device BN keeps rank 0's.
-        broadcast_buffers=options.bn == "per-device", find_unused_parameters=term_params)
+    # With global-batch BatchNorm every rank already holds the same running statistics; per-device BN keeps
+    # rank 0's (so that evaluation, which each rank does on its share of the test set, sees one model).
+    sync_buffers = options.bn == "per-device"
+    buffer_flag = "forward_sync_buffers" if "forward_sync_buffers" in _ddp_parameters() else "broadcast_buffers"
+    return DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=term_params, **{buffer_flag: sync_buffers})
+
+
+def _ddp_parameters() -> set[str]:
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    return set(inspect.signature(DistributedDataParallel).parameters)
 
 
 def stateful_terms(terms: nn.Module) -> list[str]:
@@ -306,6 +394,7 @@ def strip_option(argv: Sequence[str], option: str) -> list[str]:
 def launch(argv: Sequence[str], nproc: int) -> int:
     """Run ``python -m repro <argv>`` on ``nproc`` local processes under torch's elastic launcher (torchrun's
     engine, standalone rendezvous on a free local port) and return the exit code: 0, or the failing rank's."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -326,5 +415,7 @@ def launch(argv: Sequence[str], nproc: int) -> int:
         failures = err.failures
         first = failures.get(0) or failures[min(failures)]
         return int(first.exitcode) if first.exitcode and first.exitcode > 0 else 1
+    except SignalException:  # Ctrl-C / SIGTERM: the agent has stopped the workers (each said so)
+        return 130
     finally:
         elastic_log.setLevel(level)

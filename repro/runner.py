@@ -4,6 +4,10 @@ A finished run (done or failed) is never run again; a run killed half-way resume
 Bad input (missing data, missing checkpoint) stops the whole plan with one message and writes no result, so it
 runs once the input is fixed. A failed run (non-finite loss, failed teacher gate) is recorded as failed and its
 dependants are skipped.
+
+Any number of processes (on one machine or sharing the store over a network filesystem) may execute the same plan
+at once: a run is trained only under its lock (``repro.locks``), so each run is trained exactly once and the
+others wait for it. Executors that spread runs over jobs (``repro.executors``) call ``run_claimed`` per run.
 """
 from __future__ import annotations
 
@@ -16,7 +20,10 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from repro import distributed
+from repro.distributed import ScaleOptions
 from repro.errors import ReproError
+from repro.locks import RunLock
 from repro.models import create_model
 from repro.plan import Plan, PlannedRun, file_sha256
 from repro.store import RunStore
@@ -95,52 +102,178 @@ def evaluate_checkpoint(config: dict[str, Any], device: torch.device) -> dict[st
     return result
 
 
-def execute_run(run: PlannedRun, store: RunStore, device: torch.device, progress: bool) -> dict[str, Any]:
-    store.write_config(run.run_id, run.config)
+def execute_run(run: PlannedRun, store: RunStore, device: torch.device, progress: bool,
+                options: Optional[ScaleOptions] = None) -> dict[str, Any]:
+    """Train or evaluate one run and record its result. Every rank of a process group calls it; rank 0 writes."""
+    writer = distributed.is_main_process()
+    if writer:
+        store.write_config(run.run_id, run.config)
     started = time.time()
     try:
         if run.config["kind"] == "eval":
             fields = evaluate_checkpoint(run.config, device)
         else:
             resolved = resolve_dependencies(run.config, store, device)
-            fields = train_run(run.config, store, run.run_id, device, resolved, progress)
+            fields = train_run(run.config, store, run.run_id, device, resolved, progress, options)
         status, extra = "done", {}
     except RunFailed as failure:
         fields, status, extra = failure.details, "failed", {"reason": failure.reason}
     result = stamp({"run_id": run.run_id, "label": run.label, "status": status, "kind": run.config["kind"],
                     "tier": run.config["tier"], "seed": run.config.get("seed"), **fields, **extra,
                     "wall_time_s": time.time() - started}, device)
-    store.write_result(run.run_id, result)
+    if writer:
+        store.write_result(run.run_id, result)
     return result
 
 
-def execute(plan: Plan, store: RunStore, device: torch.device, progress: bool = True,
-            retry_failed: bool = False) -> ExecutionSummary:
-    summary = ExecutionSummary()
-    runs = plan.ordered()
-    bad: set[str] = set()
-    bar = tqdm(total=len(runs), desc=f"{plan.spec.id} [{plan.tier}]", unit="run", disable=not progress,
-               mininterval=1.0)
-    for run in runs:
-        previous = store.result(run.run_id)
-        if previous is not None and not (retry_failed and previous.get("status") == "failed"):
-            (summary.cached if previous.get("status") == "done" else summary.failed).append(run.run_id)
-            if previous.get("status") != "done":
-                bad.add(run.run_id)
-        elif any(dep in bad for dep in run.deps):
-            summary.blocked.append(run.run_id)
-            bad.add(run.run_id)
+class Claims:
+    """Which run to train next, for one process among any number on the same store (rank 0 of a group decides).
+
+    A run is trained only by the process holding its lock, and only if it has no result once the lock is held,
+    so two ``repro run`` invocations on one plan never train a run twice: each takes the next free run whose
+    dependencies are done and waits for runs another process is training. Failed results present at the start
+    are retried with ``retry_failed``; results that appear later (another process's) are taken as they are.
+    """
+
+    def __init__(self, plan: Plan, store: RunStore, retry_failed: bool = False) -> None:
+        self.store = store
+        self.pending = plan.ordered()
+        self.summary = ExecutionSummary()
+        self.done: set[str] = set()
+        self.bad: set[str] = set()
+        # Failed results to retry, as they were at the start: one that changes was re-run by another process.
+        self.retry = {r.run_id: result for r in self.pending if retry_failed
+                      and (result := store.result(r.run_id)) is not None and result.get("status") == "failed"}
+        self.announced: set[str] = set()
+
+    def next(self) -> tuple[str, Optional[PlannedRun], Optional[RunLock]]:
+        """``("train", run, held lock)``, ``("wait", None, None)`` while others hold what is left, or
+        ``("finished", None, None)``."""
+        for run in list(self.pending):
+            if self._settle_if_finished(run):
+                continue
+            if any(dep in self.bad for dep in run.deps):
+                self._settle(run, self.summary.blocked, bad=True)
+                continue
+            if not all(dep in self.done for dep in run.deps):
+                continue  # a dependency is being trained elsewhere
+            lock = self.store.lock(run.run_id)
+            if not lock.try_acquire(note=run.label):
+                self._announce_wait(run, lock)
+                continue
+            if self._settle_if_finished(run):  # finished by another process between our look and our lock
+                lock.release()
+                continue
+            if self.store.result(run.run_id) is not None:
+                self.store.clear_result(run.run_id)
+            return "train", run, lock
+        return ("wait" if self.pending else "finished"), None, None
+
+    def record(self, run: PlannedRun, result: dict[str, Any]) -> None:
+        """A run this process trained."""
+        if result["status"] == "done":
+            self._settle(run, self.summary.done, done=True)
         else:
-            if previous is not None:
-                store.clear_result(run.run_id)
-            bar.set_postfix_str(run.label, refresh=True)
-            result = execute_run(run, store, device, progress)
-            if result["status"] == "done":
-                summary.done.append(run.run_id)
-            else:
-                summary.failed.append(run.run_id)
-                bad.add(run.run_id)
-                tqdm.write(f"run {run.run_id} failed: {result.get('reason')}")
-        bar.update(1)
+            self._settle(run, self.summary.failed, bad=True)
+            tqdm.write(f"run {run.run_id} failed: {result.get('reason')}")
+
+    def _settle_if_finished(self, run: PlannedRun) -> bool:
+        previous = self.store.result(run.run_id)
+        if previous is None or self.retry.get(run.run_id) == previous:
+            return False
+        if previous.get("status") == "done":
+            self._settle(run, self.summary.cached, done=True)
+        else:
+            self._settle(run, self.summary.failed, bad=True)
+        return True
+
+    def _settle(self, run: PlannedRun, bucket: list[str], done: bool = False, bad: bool = False) -> None:
+        bucket.append(run.run_id)
+        self.pending.remove(run)
+        self.retry.pop(run.run_id, None)
+        if done:
+            self.done.add(run.run_id)
+        if bad:
+            self.bad.add(run.run_id)
+
+    def _announce_wait(self, run: PlannedRun, lock: RunLock) -> None:
+        if run.run_id not in self.announced:
+            self.announced.add(run.run_id)
+            tqdm.write(f"run {run.run_id} ({run.label}) is being trained by {lock.describe()}; waiting for it")
+
+
+def execute(plan: Plan, store: RunStore, device: torch.device, progress: bool = True,
+            retry_failed: bool = False, options: Optional[ScaleOptions] = None,
+            poll_s: float = 2.0) -> ExecutionSummary:
+    """Run what is pending in ``plan``, in dependency order, safely alongside other processes on the same store.
+
+    Inside a process group (``--nproc``) every rank calls this: rank 0 claims the next run and broadcasts it, all
+    ranks train it together, rank 0 writes. The summary is rank 0's, broadcast to all.
+    """
+    par = distributed.current()
+    device = distributed.device_for_rank(device, par)
+    claims = Claims(plan, store, retry_failed) if par.is_main else None
+    bar = tqdm(total=len(plan.runs), desc=f"{plan.spec.id} [{plan.tier}]", unit="run",
+               disable=not (progress and par.is_main), mininterval=1.0)
+    while True:
+        lock, decision = None, None
+        if claims is not None:
+            kind, run, lock = claims.next()
+            decision = (kind, run.run_id if run else None)
+        kind, run_id = distributed.broadcast_object(decision, par)
+        if kind == "finished":
+            break
+        if kind == "wait":
+            time.sleep(poll_s)
+            continue
+        run = plan.runs[run_id]
+        bar.set_postfix_str(run.label, refresh=True)
+        try:
+            result = execute_run(run, store, device, progress, options)
+        finally:
+            if lock is not None:
+                lock.release()
+        if claims is not None:
+            claims.record(run, result)
+            bar.n = len(plan.runs) - len(claims.pending)
+            bar.refresh()
     bar.close()
-    return summary
+    return distributed.broadcast_object(claims.summary if claims is not None else None, par)
+
+
+def run_claimed(run: PlannedRun, store: RunStore, device: torch.device, progress: bool = False,
+                options: Optional[ScaleOptions] = None, retry_failed: bool = False) -> str:
+    """Claim one run and train it (what an executor job does): ``"done"`` or ``"failed"`` when trained here,
+    ``"cached"`` when a result is already there, ``"busy"`` when another process holds it."""
+    par = distributed.current()
+    device = distributed.device_for_rank(device, par)
+    lock, decision = None, None
+    if par.is_main:
+        decision, lock = _claim_one(run, store, retry_failed)
+    decision = distributed.broadcast_object(decision, par)
+    if decision != "train":
+        return decision
+    try:
+        return execute_run(run, store, device, progress, options)["status"]
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _claim_one(run: PlannedRun, store: RunStore, retry_failed: bool) -> tuple[str, Optional[RunLock]]:
+    def finished() -> Optional[str]:
+        previous = store.result(run.run_id)
+        if previous is None or (retry_failed and previous.get("status") == "failed"):
+            return None
+        return "cached" if previous.get("status") == "done" else "failed"
+
+    if (status := finished()) is not None:
+        return status, None
+    lock = store.lock(run.run_id)
+    if not lock.try_acquire(note=run.label):
+        return "busy", None
+    if (status := finished()) is not None:
+        lock.release()
+        return status, None
+    store.clear_result(run.run_id)
+    return "train", lock

@@ -190,7 +190,7 @@ class Trainer:
         if self.resolved.init_state is not None:
             self.deviations.append(f"initialised from run {self.config['init']['run']} "
                                    f"({load_matching(student, self.resolved.init_state)} tensors)")
-        student = distributed.prepare_model(student, self.par, self.options).to(self.device)
+        student = distributed.prepare_model(student, self.par, self.options, self.device).to(self.device)
         if recipe.channels_last:
             student = student.to(memory_format=torch.channels_last)
         self.student = student
@@ -334,7 +334,7 @@ class Trainer:
             row = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
                    **{f"loss_{k}": v for k, v in means.items() if k != "entropy"},
                    "entropy": means.get("entropy"), "test_top1": scores["top1"], "test_top5": scores["top5"],
-                   "wall_time_s": time.perf_counter() - t0}
+                   "test_images": scores["images"], "wall_time_s": time.perf_counter() - t0}
             history.append(row)
             if scores["top1"] > best["top1"]:
                 best = {"top1": scores["top1"], "top5": scores["top5"], "epoch": epoch}

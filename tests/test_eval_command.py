@@ -94,6 +94,7 @@ def test_eval_of_a_run_by_prefix_writes_beside_the_run(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["eval", "no_such_model_xyz", "--synthetic"], "not a run id in the store, not a file"),
     (["eval", "deit_tiny_patch16_224", "--synthetic"], "--pretrained"),
+    (["eval", "resnet20", "--pretrained", "--synthetic"], "does not load --pretrained"),
     (["eval", "{ckpt}", "--synthetic"], "--arch"),
     (["eval", "{ckpt}", "--arch", "vit_smoke_tiny", "--suite", "clean,top10", "--synthetic"], "--other"),
     (["eval", "{ckpt}", "--arch", "vit_smoke_tiny", "--suite", "clean,no-such-suite"], "no-such-suite"),

@@ -213,3 +213,9 @@ def test_figures_command_writes_named_pngs_without_running(tmp_path, figure1_pla
             "reported-vs-reproduced-ssta-transfer.png"} <= names
     for name in names:
         assert_png(tmp_path / "figures" / name)
+
+
+def test_every_figure_group_runs_by_default():
+    from repro.evaluate.command import FIGURE_STEPS, STEP_ORDER
+
+    assert sorted(STEP_ORDER) == sorted(FIGURE_STEPS)

@@ -151,7 +151,12 @@ def _load_named(name: str, pretrained: bool, checkpoint: Optional[str], num_clas
     kwargs: dict[str, Any] = {"checkpoint": checkpoint} if checkpoint else {"pretrained": True}
     # Names timm knows but the suite does not register go through the generic timm ViT family.
     arch, extra = (name, {}) if registered else ("timm_vit", {"timm_name": name})
-    model = create_model(arch, num_classes=num_classes, **extra, **kwargs)
+    try:
+        model = create_model(arch, num_classes=num_classes, **extra, **kwargs)
+    except TypeError:  # a family whose factories take no weight arguments (the CIFAR zoo)
+        how = "pass the checkpoint file as MODEL with --arch" if checkpoint else "it has no published weights"
+        raise ReproError(f"model {name!r} does not load {'--checkpoint' if checkpoint else '--pretrained'}: "
+                         f"{how}") from None
     info = {"source": "checkpoint" if checkpoint else "pretrained", "arch": name, "num_classes": num_classes}
     if checkpoint:
         info.update(path=str(checkpoint), sha256=file_sha256(Path(checkpoint)))
@@ -572,6 +577,8 @@ class FigureContext:
 
 FigureStep = Callable[[FigureContext], list[Path]]
 FIGURE_STEPS: dict[str, FigureStep] = {}
+# Reported-vs-reproduced last: it then sees the runs the other steps have just finished.
+STEP_ORDER = ("entropy", "transfer", "ssta-analyses", "reported-vs-reproduced")
 
 
 def figure_step(name: str) -> Callable[[FigureStep], FigureStep]:
@@ -702,12 +709,23 @@ def top10_pair(models: Sequence[AnalysisModel]) -> Optional[tuple[AnalysisModel,
 
 
 def analysis_spec_id(ctx: FigureContext) -> str:
-    from repro.spec import all_spec_ids
+    """``--analysis-spec``, else the first of ANALYSIS_SPECS that exists and loads (a spec being written may not
+    load yet: the next one stands in, and the console says so)."""
+    from repro.spec import all_spec_ids, load_spec
 
     if ctx.args.analysis_spec:
         return ctx.args.analysis_spec
     known = set(all_spec_ids())
-    return next(spec_id for spec_id in ANALYSIS_SPECS if spec_id in known)
+    for spec_id in ANALYSIS_SPECS:
+        if spec_id not in known:
+            continue
+        try:
+            load_spec(spec_id)
+        except ReproError as err:
+            print(f"SSTA analyses: {spec_id} does not load ({err}); trying the next model source")
+            continue
+        return spec_id
+    raise ReproError(f"SSTA analyses: none of {', '.join(ANALYSIS_SPECS)} loads; pass --analysis-spec")
 
 
 def analysis_data(ctx: FigureContext, num_outputs: int, image_size: int, suites: Sequence[str]) -> EvalData:
@@ -843,7 +861,7 @@ def add_figures_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run_figures(args: argparse.Namespace) -> int:
     from repro.render.figures import figure_stamp
 
-    steps = list(FIGURE_STEPS) if not args.only else [s.strip() for s in args.only.split(",") if s.strip()]
+    steps = list(STEP_ORDER) if not args.only else [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in steps if s not in FIGURE_STEPS]
     if unknown:
         raise ReproError(f"--only: unknown figure group(s) {unknown}; known: {', '.join(FIGURE_STEPS)}")

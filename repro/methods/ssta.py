@@ -15,8 +15,9 @@ teacher, ``A_TA`` one head of the self-supervised teaching assistant and ``A_S``
   ``ta_probe: {checkpoint: <file>, n_last_blocks: 4, avgpool: false}``, DINO's ``eval_linear.py`` layout).
   The selection is cached in ``ctx.cache_dir`` (``heads-<rule>-<key>.json``), keyed by the model's weights,
   the first sampled batch (so the dataset and the run's seed) and the rule's options; the global RNGs are
-  restored afterwards, so training is the same whether the selection was computed or read. The chosen heads
-  are logged and returned by ``report()``;
+  restored afterwards, so training is the same whether the selection was computed or read. Under
+  torch.distributed rank 0 chooses and broadcasts, so every rank distils the same heads. The chosen heads are
+  logged and returned by ``report()``;
 * student mapping: ``split`` (student head ``student_heads[0]`` <-> teacher, ``student_heads[1]`` <-> TA),
   ``relation`` (one MiniLMv2-style map from the concatenated q/k of all heads) or ``mean`` (mean head map);
 * KL over keys, averaged over query rows and batch, teacher as target, float32; optional temperature on the
@@ -50,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
@@ -158,6 +160,24 @@ class HeadChooser:
 
     def choose(self, role: str, model: nn.Module, layer: Union[int, str], head: HeadSpec, loss: str,
                probe: Optional[dict[str, Any]]) -> HeadChoice:
+        """The choice for one model; under torch.distributed rank 0 chooses (each rank sees another shard of
+        the data) and every rank receives its choice, so all ranks distil the same heads."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return self._choose(role, model, layer, head, loss, probe)
+        payload: list[Any] = [None]
+        if dist.get_rank() == 0:
+            try:
+                payload[0] = self._choose(role, model, layer, head, loss, probe)
+            except ReproError as err:  # tell the other ranks instead of leaving them waiting
+                payload[0] = err
+        device = self.ctx.device if dist.get_backend() == "nccl" else None
+        dist.broadcast_object_list(payload, src=0, device=device)
+        if isinstance(payload[0], ReproError):
+            raise payload[0]
+        return payload[0]
+
+    def _choose(self, role: str, model: nn.Module, layer: Union[int, str], head: HeadSpec, loss: str,
+                probe: Optional[dict[str, Any]]) -> HeadChoice:
         if head != AUTO:
             if layer == AUTO:
                 raise ReproError(f"ssta_attn: {role}_layer 'auto' needs {role}_head 'auto' (a given head needs "
@@ -187,18 +207,22 @@ class HeadChooser:
             except ReproError as err:
                 raise ReproError(f"ssta_attn: {role}_head 'auto' (rule {self.rule!r}) needs training images, and "
                                  f"this context has no sample_batches: {err}") from None
-        with preserved_rng(self.ctx.device):
-            stream = self._batches()
-            first = next(stream, None)
-            if first is None:
-                raise ReproError("ssta_attn: the training loader yielded no batch for head selection")
-            fingerprint = hashlib.sha256(f"{model_fingerprint(model)}|{self._data_digest(first)}".encode()).hexdigest()
-            batches = itertools.chain([first], stream)
-            if self.ctx.cache_dir is None:
-                return select_heads(model, self.rule, batches, **options), None
-            path = selection_cache_path(self.ctx.cache_dir, fingerprint, self.rule, **options)
-            return select_heads_cached(self.ctx.cache_dir, model, self.rule, batches, fingerprint,
-                                       **options), str(path)
+        stream = self._batches()
+        try:
+            with preserved_rng(self.ctx.device):
+                first = next(stream, None)
+                if first is None:
+                    raise ReproError("ssta_attn: the training loader yielded no batch for head selection")
+                digest = f"{model_fingerprint(model)}|{self._data_digest(first)}"
+                fingerprint = hashlib.sha256(digest.encode()).hexdigest()
+                batches = itertools.chain([first], stream)
+                if self.ctx.cache_dir is None:
+                    return select_heads(model, self.rule, batches, **options), None
+                path = selection_cache_path(self.ctx.cache_dir, fingerprint, self.rule, **options)
+                return select_heads_cached(self.ctx.cache_dir, model, self.rule, batches, fingerprint,
+                                           **options), str(path)
+        finally:
+            stream.close()  # a cache hit reads one batch: release the loader (and its workers) at once
 
     def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         # Soft (mixup/cutmix) targets when the pipeline mixes: the images the teacher sees in training.

@@ -32,7 +32,7 @@ import threading
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 from urllib.parse import urlparse
 
 import timm
@@ -66,7 +66,7 @@ def _inputs_of(activations: list[nn.Module]) -> Iterator[list[Optional[Tensor]]]
     """
     captured: list[Optional[Tensor]] = [None] * len(activations)
 
-    def keeper(slot: int):
+    def keeper(slot: int) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
         def hook(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
             captured[slot] = args[0].clone()
 
@@ -334,7 +334,7 @@ def build_mobilenet_v1(num_classes: int = 1000, pretrained: bool = False, checkp
     return model
 
 
-def _tv_factory(name: str):
+def _tv_factory(name: str) -> Callable[..., FeatureResNet]:
     def factory(num_classes: int = 1000, pretrained: bool = False, checkpoint: Optional[str] = None) -> FeatureResNet:
         return build_tv_resnet(name, num_classes, pretrained, checkpoint)
 
@@ -342,7 +342,7 @@ def _tv_factory(name: str):
     return factory
 
 
-def _deit3_factory(timm_name: str):
+def _deit3_factory(timm_name: str) -> Callable[..., nn.Module]:
     def factory(num_classes: int = 1000, **kwargs: Any) -> nn.Module:
         return build_timm_vit(timm_name, num_classes, **kwargs)
 

@@ -16,11 +16,13 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from repro.compare import CellResult
 from repro.plan import Plan
 from repro.provenance import git_commit
-from repro.render.analysis_plots import MARKERS, _new_figure, _save
+from repro.render.analysis_plots import MARKERS
 from repro.store import RunStore
 
 # What each figure file is called: the name says what it shows.
@@ -36,6 +38,23 @@ def figure_stamp(tier: str, extra: str = "") -> str:
     """The corner stamp of every figure: tier, commit, UTC date (and what else the caller adds)."""
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return f"tier={tier}  commit={git_commit()}  {when}" + (f"  {extra}" if extra else "")
+
+
+def _new_figure(width: float, height: float, ncols: int = 1) -> tuple[Figure, list]:
+    """An Agg figure (no pyplot state) with a strip kept free at the bottom for the stamp (bottom right, clear of
+    the centred legends)."""
+    figure = Figure(figsize=(width, height), layout="constrained")
+    figure.get_layout_engine().set(rect=(0, 0.035, 1, 0.965))
+    FigureCanvasAgg(figure)
+    return figure, list(figure.subplots(1, ncols, squeeze=False)[0])
+
+
+def _save(figure: Figure, path: str | Path, stamp: str) -> Path:
+    figure.text(0.995, 0.005, stamp, ha="right", va="bottom", fontsize=7, color="0.4")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=150)
+    return path
 
 
 def _number(value: Any) -> float:

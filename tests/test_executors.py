@@ -1,0 +1,185 @@
+"""Many runs as jobs: Slurm parameters, `repro status` across executors, and submitit local jobs that are
+preempted or killed mid-run, requeued, and finish with the uninterrupted result."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from repro.distributed import ScaleOptions
+from repro.errors import ReproError
+from repro.executors import (JobScheduler, add_scaleout_arguments, local_submitter, run_state, run_states,
+                             slurm_parameters)
+from repro.locks import RunLock
+from repro.plan import make_plan
+from repro.spec import load_spec
+from repro.store import RunStore
+from tests.conftest import TESTS
+
+RESUME_SPEC = str(TESTS / "specs" / "tiny_resume.yaml")
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_scaleout_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+# -- Slurm parameters ---------------------------------------------------------------------------------------------
+def test_slurm_parameters_come_from_the_config_file_then_the_command_line(tmp_path):
+    config = tmp_path / "slurm.yaml"
+    config.write_text("partition: gpu\naccount: proj1\ntime: 240\ncpus: 8\nsetup: ['module load cuda']\n"
+                      "additional: {mail-type: END}\nmax_requeue: 4\n")
+    params, max_requeue = slurm_parameters(_args("--slurm-config", str(config), "--slurm-partition", "long",
+                                                 "--nproc", "4"))
+    assert params == {"partition": "long", "account": "proj1", "time": 240, "cpus_per_task": 8,
+                      "setup": ["module load cuda"], "additional_parameters": {"mail-type": "END"},
+                      "gpus_per_node": 4, "ntasks_per_node": 4, "job_name": "repro"}
+    assert max_requeue == 4
+
+
+def _fake_slurm(bin_dir: Path, record: Path) -> None:
+    """``srun`` and ``sbatch`` stand-ins: sbatch keeps the script it is given and answers like Slurm."""
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "sbatch").write_text(f"#!/bin/sh\ncp \"$1\" {record}\necho 'Submitted batch job 4242'\n")
+    for tool in ("srun", "sbatch"):
+        (bin_dir / tool).chmod(0o755)
+
+
+def test_slurm_executor_submits_one_requeueable_job_per_run(tmp_path, monkeypatch):
+    from repro.executors import RunJob, make_submitter
+
+    script = tmp_path / "submitted.sh"
+    _fake_slurm(tmp_path / "bin", script)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    args = _args("--executor", "slurm", "--slurm-partition", "gpu", "--slurm-account", "proj1", "--slurm-time",
+                 "90", "--slurm-cpus", "6", "--nproc", "2", "--slurm-config", str(_empty_config(tmp_path)))
+    store = RunStore(tmp_path / "runs")
+    submitter = make_submitter(args, store, torch.device("cuda"))
+    run = make_plan(load_spec(RESUME_SPEC), "smoke").ordered()[0]
+    job = submitter.submit(RunJob(str(store.root), run, "cuda", ScaleOptions()), [])
+    assert job.job_id == "4242" and submitter.kind == "slurm" and not submitter.cancel_on_interrupt
+    text = script.read_text()
+    for line in ("--partition=gpu", "--account=proj1", "--time=90", "--cpus-per-task=6", "--gpus-per-node=2",
+                 "--ntasks-per-node=2", "--signal=USR2@"):  # USR2 before the time limit: checkpoint + requeue
+        assert f"#SBATCH {line}" in text, line
+
+
+def _empty_config(tmp_path: Path) -> Path:
+    path = tmp_path / "empty.yaml"
+    path.write_text("{}\n")
+    return path
+
+
+def test_slurm_without_slurm_is_one_clear_error(tmp_path, monkeypatch):
+    from repro.executors import make_submitter
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun anywhere
+    with pytest.raises(ReproError, match="--executor slurm: .*srun"):
+        make_submitter(_args("--executor", "slurm", "--slurm-config", str(_empty_config(tmp_path))),
+                       RunStore(tmp_path / "runs"), torch.device("cpu"))
+
+
+def test_slurm_config_errors_name_the_problem(tmp_path, monkeypatch):
+    bad = tmp_path / "slurm.yaml"
+    bad.write_text("partitoin: gpu\n")
+    with pytest.raises(ReproError, match="unknown key 'partitoin'"):
+        slurm_parameters(_args("--slurm-config", str(bad)))
+    monkeypatch.setenv("REPRO_SLURM_CONFIG", str(tmp_path / "missing.yaml"))
+    with pytest.raises(ReproError, match="missing.yaml does not exist"):
+        slurm_parameters(_args())
+
+
+# -- status -------------------------------------------------------------------------------------------------------
+def test_status_tells_done_failed_running_interrupted_submitted_and_pending(tmp_path):
+    store = RunStore(tmp_path)
+    store.write_result("a", {"status": "done", "label": "A"})
+    store.write_result("b", {"status": "failed", "label": "B", "reason": "non-finite loss"})
+    lock = store.lock("c")
+    assert lock.try_acquire()
+    store.write_job("c", {"executor": "slurm", "job_id": "123"})
+    store.checkpoint_path("d").parent.mkdir(parents=True)
+    store.checkpoint_path("d").write_bytes(b"x")
+    store.write_job("e", {"executor": "slurm", "job_id": "124"})
+    states = {s.run_id: s for s in run_states(store)}  # the runs the store knows (a, b: with config below)
+    states = {rid: run_state(store, rid) for rid in "abcdef"}
+    assert {rid: s.state for rid, s in states.items()} == {"a": "done", "b": "failed", "c": "running",
+                                                          "d": "interrupted", "e": "submitted", "f": "pending"}
+    assert "slurm job 123" in states["c"].detail and states["b"].detail == "non-finite loss"
+    lock.release()
+
+
+# -- local jobs through submitit: preempted or killed mid-run ------------------------------------------------------
+def _clean_reference(root: Path, data: Path, threads: int) -> dict:
+    env = {**os.environ, "REPRO_RUNS": str(root), "REPRO_DATA": str(data), "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": str(threads)}
+    subprocess.run([sys.executable, "-m", "repro", "run", RESUME_SPEC, "--tier", "smoke", "--no-progress",
+                    "--no-estimate"], env=env, check=True, capture_output=True, timeout=600)
+    return _student(root)
+
+
+def _student(root: Path) -> dict:
+    results = [json.loads(p.read_text()) for p in root.glob("*/result.json")]
+    return next(r for r in results if " KD " in r["label"])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted result, with as many threads as each local job gets."""
+    root = tmp_path_factory.mktemp("reference")
+    threads = local_submitter(root / "probe", jobs=2).threads
+    return root, _clean_reference(root / "runs", root / "data", threads)
+
+
+def _interrupt_student(store: RunStore, run_id: str, how: int) -> str:
+    """Wait until the student run has checkpointed an epoch, then signal the job process that trains it; return
+    the id of the job that was running it."""
+    lock = RunLock(store.lock_path(run_id))
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        holder = lock.holder()
+        if holder and store.metrics(run_id) and store.result(run_id) is None:
+            os.kill(int(holder["pid"]), how)
+            return store.job(run_id)["job_id"]
+        time.sleep(0.02)
+    raise AssertionError("the student run never checkpointed inside a job")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", [signal.SIGUSR2, signal.SIGKILL], ids=["preempted", "killed"])
+def test_interrupted_local_job_is_requeued_and_finishes_with_the_uninterrupted_result(reference, tmp_path,
+                                                                                        monkeypatch, how):
+    ref_root, expected = reference
+    monkeypatch.setenv("REPRO_DATA", str(ref_root / "data"))  # the jobs inherit this environment
+    plan = make_plan(load_spec(RESUME_SPEC), "smoke")
+    store = RunStore(tmp_path / "runs")
+    scheduler = JobScheduler(plan, store, local_submitter(store.root / ".jobs" / "%j", jobs=2), ScaleOptions(),
+                             progress=False, poll_s=0.1)
+    outcome: dict = {}
+    driver = threading.Thread(target=lambda: outcome.update(summary=scheduler.run()))
+    driver.start()
+    student = next(r for r in plan.ordered() if " KD " in r.label).run_id
+    interrupted_job = _interrupt_student(store, student, how)
+    driver.join(timeout=600)
+    summary = outcome["summary"]
+    assert len(summary.done) == 2 and not summary.failed and not summary.blocked
+    resumed = _student(store.root)
+    assert resumed["best_top1"] == expected["best_top1"] and resumed["last_top1"] == expected["last_top1"]
+    a = torch.load(ref_root / "runs" / expected["run_id"] / "model.pt", weights_only=True)
+    b = torch.load(store.root / resumed["run_id"] / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logs = "".join(p.read_text() for p in (store.root / ".jobs").rglob("*_log.*"))
+    if how == signal.SIGUSR2:  # preemption: submitit calls RunJob.checkpoint and requeues the same job
+        assert "Requeued job" in logs and store.job(student)["job_id"] == interrupted_job
+    else:  # killed outright: the job ends without a result and the driver submits a new one
+        assert store.job(student)["job_id"] != interrupted_job
