@@ -9,6 +9,9 @@ TIER ?= full
 SEEDS ?=
 NPROC ?= 1
 REPRO = $(PY) -m repro
+# One intra-op thread per process on CPU: on a shared 2-core machine two threads per process were measured up to
+# ~10x slower (they wait on each other whenever anything else runs). GPU runs are unaffected. Override freely.
+export OMP_NUM_THREADS ?= 1
 RUN_ARGS = --tier $(TIER) $(if $(SEEDS),--seeds $(SEEDS),) $(if $(filter-out 1,$(NPROC)),--nproc $(NPROC),)
 
 .PHONY: help install test smoke figures bench teachers schema clean-smoke

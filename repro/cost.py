@@ -17,6 +17,7 @@ from repro.plan import Plan, PlannedRun
 from repro.provenance import device_name
 from repro.store import RunStore, atomic_write_json
 
+_WEIGHT_ARGS = ("pretrained", "checkpoint", "checkpoint_key")  # never load weights just to time a model
 KNOWN_SIZES = {"cifar100": (50000, 10000), "cifar10": (50000, 10000), "imagenet": (1281167, 50000)}
 
 
@@ -26,8 +27,11 @@ def dataset_sizes(recipe: dict[str, Any]) -> tuple[int, int]:
     synthetic = data.get("synthetic") or {}
     if synthetic:
         classes = synthetic.get("classes_used") or synthetic.get("classes") or 10
-        train = classes * synthetic.get("train_per_class", 50) if isinstance(classes, int) else train
-        test = classes * synthetic.get("test_per_class", 10) if isinstance(classes, int) else test
+        classes = classes if isinstance(classes, int) else len(classes)  # the folder writer also takes names
+        # CIFAR writer: train_per_class / test_per_class; ImageFolder writer: per_class / val_per_class
+        per_train = synthetic.get("train_per_class") or synthetic.get("per_class") or 50
+        per_test = synthetic.get("test_per_class") or synthetic.get("val_per_class") or synthetic.get("per_class") or 10
+        train, test = classes * per_train, classes * per_test
     train = min(train, data.get("train_subset") or train)
     test = min(test, data.get("test_subset") or test)
     return train, test
@@ -47,30 +51,33 @@ class CostModel:
         if device.type == "cpu":
             torch.set_flush_denormal(True)  # as the runs themselves do (recipe.flush_denormal)
 
-    def _teacher_arch(self, plan: Plan, run: PlannedRun) -> Optional[str]:
+    def _teacher_model(self, plan: Plan, run: PlannedRun) -> Optional[dict[str, Any]]:
         teacher = run.config.get("teacher")
         if not teacher:
             return None
-        return plan.runs[teacher["run"]].config["model"]["arch"] if teacher["run"] in plan.runs else None
+        return plan.runs[teacher["run"]].config["model"] if teacher["run"] in plan.runs else None
 
-    def images_per_s(self, arch: str, teacher: Optional[str], recipe: dict[str, Any]) -> float:
-        """Training images/s of ``arch`` with ``teacher`` forwarded on every step (1/rate adds up per model)."""
+    def images_per_s(self, model: dict[str, Any], teacher: Optional[dict[str, Any]], recipe: dict[str, Any]) -> float:
+        """Training images/s of ``model`` (a run config's model entry) with ``teacher`` forwarded on every step."""
         size = _image_size(recipe)
-        seconds = 1.0 / self._rate(arch, size, train=True)
+        seconds = 1.0 / self._rate(model, size, train=True)
         if teacher:
             seconds += 1.0 / self._rate(teacher, size, train=False)
         return 1.0 / seconds
 
-    def _rate(self, arch: str, size: int, train: bool) -> float:
-        key = f"{self.device_key}|{arch}|{size}|{'train' if train else 'forward'}"
+    def _rate(self, model: dict[str, Any], size: int, train: bool) -> float:
+        # The architecture arguments (img_size, patch_size, ...) change the cost; weight sources do not.
+        args = {k: v for k, v in model.get("args", {}).items() if k not in _WEIGHT_ARGS}
+        key = f"{self.device_key}|{model['arch']}|{json.dumps(args, sort_keys=True)}|{size}|{'train' if train else 'forward'}"
         if key not in self.cache:
-            self.cache[key] = self._measure(arch, size, train)
+            self.cache[key] = self._measure(model["arch"], args, size, train)
             atomic_write_json(self.path, self.cache)
         return self.cache[key]
 
-    def _measure(self, arch: str, size: int, train: bool, batch: int = 16, steps: int = 2) -> float:
+    def _measure(self, arch: str, args: dict[str, Any], size: int, train: bool, batch: int = 16,
+                 steps: int = 2) -> float:
         torch.manual_seed(0)
-        model = create_model(arch).to(self.device).train(train)
+        model = create_model(arch, **args).to(self.device).train(train)
         x = torch.randn(batch, 3, size, size, device=self.device)
 
         def step() -> None:
@@ -94,10 +101,10 @@ class CostModel:
     def estimate_seconds(self, plan: Plan, run: PlannedRun) -> float:
         recipe = run.config["recipe"]
         train, test = dataset_sizes(recipe)
-        arch = run.config["model"]["arch"]
+        model = run.config["model"]
         if run.config["kind"] == "eval":
-            return 3 * test / self.images_per_s(arch, None, recipe)
-        rate = self.images_per_s(arch, self._teacher_arch(plan, run), recipe)
+            return 3 * test / self.images_per_s(model, None, recipe)
+        rate = self.images_per_s(model, self._teacher_model(plan, run), recipe)
         # Evaluation costs about a third of a training step per image.
         return recipe["epochs"] * (train + test / 3) / rate
 

@@ -21,18 +21,22 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
-import torch
+import submitit
 import yaml
+from submitit.core.utils import UncompletedJobError
 from tqdm import tqdm
 
-from repro import distributed
-from repro.distributed import ScaleOptions
 from repro.errors import ReproError
-from repro.plan import Plan, PlannedRun
-from repro.runner import ExecutionSummary, execute, run_claimed
-from repro.store import RunStore
+
+if TYPE_CHECKING:  # the command line imports this module for its flags: torch and the trainer load on use
+    import torch
+
+    from repro.distributed import ScaleOptions
+    from repro.plan import Plan, PlannedRun
+    from repro.runner import ExecutionSummary
+    from repro.store import RunStore
 
 SLURM_CONFIG_ENV = "REPRO_SLURM_CONFIG"
 DEFAULT_SLURM_CONFIG = Path("~/.config/repro/slurm.yaml")
@@ -42,6 +46,8 @@ SLURM_KEYS = {"partition": "partition", "gpus": "gpus_per_node", "cpus": "cpus_p
               "additional": "additional_parameters"}
 LOCAL_TIMEOUT_MIN = 60 * 24 * 365  # local jobs have no time limit of their own
 MAX_RESUBMITS = 3  # a job that died without a result (node failure, SIGKILL) is resubmitted this many times
+SLURM_ALIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "RESIZING",
+               "SUSPENDED"}
 
 
 # -- command line --------------------------------------------------------------------------------------------
@@ -73,6 +79,8 @@ def add_scaleout_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def scale_options(args: argparse.Namespace) -> ScaleOptions:
+    from repro.distributed import ScaleOptions
+
     return ScaleOptions(bn=getattr(args, "bn", "sync"), max_device_batch=getattr(args, "max_device_batch", None),
                         rescale_batch=getattr(args, "rescale_batch", False))
 
@@ -90,6 +98,10 @@ def prepare(args: argparse.Namespace, argv: Sequence[str]) -> Optional[int]:
     jobs = getattr(args, "jobs", None)
     if jobs is not None and jobs < 1:
         raise ReproError(f"--jobs must be at least 1, got {jobs}")
+    if nproc == 1 and "RANK" not in os.environ:
+        return None  # neither launching nor launched: no need to load torch here
+    from repro import distributed
+
     if distributed.launched_by_torchrun():
         distributed.init_from_env(want_cuda=getattr(args, "device", "auto") != "cpu")
         return None
@@ -101,6 +113,8 @@ def prepare(args: argparse.Namespace, argv: Sequence[str]) -> Optional[int]:
 def execute_with_args(plan: Plan, store: RunStore, device: torch.device,
                       args: argparse.Namespace) -> ExecutionSummary:
     """``repro run``'s execution: in this process (group), or through the chosen executor's jobs."""
+    from repro.runner import execute
+
     options = scale_options(args)
     progress = not getattr(args, "no_progress", False)
     retry = getattr(args, "retry_failed", False)
@@ -112,38 +126,44 @@ def execute_with_args(plan: Plan, store: RunStore, device: torch.device,
 
 
 # -- the job -------------------------------------------------------------------------------------------------
-try:
-    from submitit.helpers import Checkpointable as _Checkpointable
-except ImportError:  # submitit is only needed by the job executors
-    _Checkpointable = object  # type: ignore[assignment,misc]
-
-
-class RunJob(_Checkpointable):
+class RunJob(submitit.helpers.Checkpointable):
     """One run as a submitit job. Preempted or timed out, submitit calls ``checkpoint`` and requeues the same job:
     the trainer's own epoch checkpoint is the state, so the requeued job simply claims the run again and resumes."""
 
     def __init__(self, store_root: str, run: PlannedRun, device_spec: str, options: ScaleOptions,
-                 threads: Optional[int] = None) -> None:
+                 threads: Optional[int] = None, retry_failed: bool = False) -> None:
         self.store_root, self.run, self.device_spec = store_root, run, device_spec
-        self.options, self.threads = options, threads
+        self.options, self.threads, self.retry_failed = options, threads, retry_failed
 
     def __call__(self) -> dict[str, Any]:
-        import submitit
+        import torch
 
-        if submitit.JobEnvironment().num_tasks > 1:
+        from repro import distributed
+        from repro.runner import run_claimed
+        from repro.store import RunStore
+
+        if submitit.JobEnvironment().num_tasks > 1:  # one task per process of the run
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
             distributed.init_from_env(want_cuda=self.device_spec.startswith("cuda"), quiet_workers=False)
         if self.threads:
             torch.set_num_threads(self.threads)
-        device = torch.device(self.device_spec if self.device_spec != "cuda" or torch.cuda.is_available() else "cpu")
         try:
-            status = run_claimed(self.run, RunStore(Path(self.store_root)), device, progress=False,
-                                 options=self.options)
+            status = run_claimed(self.run, RunStore(Path(self.store_root)), self._device(), progress=False,
+                                 options=self.options, retry_failed=self.retry_failed)
             return {"status": status}
-        except ReproError as err:
+        except ReproError as err:  # bad input: reported by the driver, which then stops submitting
             return {"status": "error", "message": str(err)}
         finally:
             distributed.shutdown()
+
+    def _device(self) -> torch.device:
+        import torch
+
+        if not self.device_spec.startswith("cuda"):
+            return torch.device(self.device_spec)
+        if not torch.cuda.is_available():
+            raise ReproError(f"run {self.run.run_id}: its job sees no GPU (ask for some with --slurm-gpus)")
+        return torch.device("cuda")  # the job sees only the devices it was given: index 0 is its own
 
 
 # -- submitting ------------------------------------------------------------------------------------------------
@@ -171,7 +191,7 @@ def make_submitter(args: argparse.Namespace, store: RunStore, device: torch.devi
 
 def local_submitter(folder: Path, jobs: int, nproc: int = 1, use_cuda: bool = False) -> Submitter:
     """Up to ``jobs`` submitit local jobs at once, each with ``nproc`` processes and, on GPUs, its own devices."""
-    import submitit
+    import torch
 
     executor = submitit.LocalExecutor(folder=folder)
     gpus = list(range(torch.cuda.device_count())) if use_cuda else []
@@ -228,8 +248,6 @@ def slurm_parameters(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
 
 
 def _slurm_submitter(args: argparse.Namespace, folder: Path, nproc: int) -> Submitter:
-    import submitit
-
     params, max_requeue = slurm_parameters(args)
     try:
         executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_requeue)
@@ -261,6 +279,8 @@ class JobScheduler:
     def __init__(self, plan: Plan, store: RunStore, submitter: Submitter, options: ScaleOptions,
                  device_spec: str = "cpu", retry_failed: bool = False, progress: bool = True,
                  poll_s: float = 1.0) -> None:
+        from repro.runner import ExecutionSummary
+
         self.plan, self.store, self.submitter, self.options = plan, store, submitter, options
         self.device_spec, self.progress, self.poll_s = device_spec, progress, poll_s
         self.pending = plan.ordered()
@@ -311,9 +331,25 @@ class JobScheduler:
             if lock.is_held_live():
                 self._announce_wait(run, lock.describe())
                 continue
+            queued = self._queued_elsewhere(run)
+            if queued:
+                self._announce_wait(run, queued)
+                continue
             if not self._has_slot():
                 return
             self._submit(run)
+
+    def _queued_elsewhere(self, run: PlannedRun) -> Optional[str]:
+        """A Slurm job another driver submitted for this run that is still queued or running: waiting for it
+        beats queueing a twin (which would find the run taken anyway)."""
+        record = self.store.job(run.run_id)
+        if self.submitter.kind != "slurm" or not record or record.get("executor") != "slurm":
+            return None
+        try:
+            state = submitit.SlurmJob(folder=self.store.root / ".jobs" / "%j", job_id=record["job_id"]).state
+        except Exception:  # noqa: BLE001 - sacct unavailable or unaware: submit our own
+            return None
+        return f"slurm job {record['job_id']} ({state})" if state.upper() in SLURM_ALIVE else None
 
     def _has_slot(self) -> bool:
         slots = self.submitter.slots
@@ -324,7 +360,7 @@ class JobScheduler:
     def _submit(self, run: PlannedRun, resubmits: int = 0) -> None:
         gpus = [self.free_gpus.pop(0) for _ in range(self.submitter.gpus_per_run)] if self.submitter.gpus else []
         job = self.submitter.submit(RunJob(str(self.store.root), run, self.device_spec, self.options,
-                                           self.submitter.threads), gpus)
+                                           self.submitter.threads, retry_failed=run.run_id in self.retry), gpus)
         self.store.write_job(run.run_id, {"executor": self.submitter.kind, "job_id": str(job.job_id),
                                           "submitted_at": time.time(), "driver": socket.gethostname()})
         if run in self.pending:
@@ -333,8 +369,6 @@ class JobScheduler:
 
     # -- collecting ----------------------------------------------------------------------------------------------
     def _collect(self) -> None:
-        from submitit.core.utils import UncompletedJobError
-
         for run_id, active in list(self.active.items()):
             if not active.job.done():
                 continue

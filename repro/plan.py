@@ -169,7 +169,10 @@ class Planner:
         return self._add(config, f"{key}  teacher checkpoint (evaluate + gate)", [])
 
     def _assistant_run(self, key: str) -> str:
-        return self._pretrain_run(key) or self._teacher_run(key)
+        # A TA's `pretrain` run stands in for its published weights only where the tier trains its own models.
+        if self.recipe.teachers.source == "train":
+            return self._pretrain_run(key) or self._teacher_run(key)
+        return self._teacher_run(key)
 
     def _pretrain_run(self, key: str) -> Optional[str]:
         """The run that first produces model ``key`` when its ModelDef names a ``pretrain`` method."""

@@ -93,7 +93,8 @@ def evaluate_checkpoint(config: dict[str, Any], device: torch.device) -> dict[st
     model, _ = load_eval_model(config)
     scores = evaluate_model(model, config["recipe"], device)
     result = {"best_top1": scores["top1"], "last_top1": scores["top1"], "best_top5": scores["top5"],
-              "last_top5": scores["top5"], "best_epoch": None, "world_size": 1,
+              "last_top5": scores["top5"], "best_epoch": None,
+              "world_size": distributed.current().world_size,
               "expected_top1": config.get("expected_top1"), "gate_tolerance": config.get("gate_tolerance")}
     expected, tolerance = config.get("expected_top1"), config.get("gate_tolerance")
     if expected is not None and tolerance is not None and abs(scores["top1"] - expected) > tolerance:

@@ -176,6 +176,7 @@ class Spec(Strict):
     title: str
     table: str  # the paper's label, e.g. "Table 1"
     output: str  # tables/<output>.md and .csv; several specs can render into one file as sections
+    order: int = 100  # position of this spec's section in its output (then by id)
     description: str = ""
     num_classes: PositiveInt = 100
     recipe: Recipe
@@ -350,14 +351,14 @@ def all_spec_ids() -> list[str]:
 
 def specs_for_output(output: str) -> list[str]:
     """Spec ids that render into ``tables/<output>.md``, in file order (table order)."""
-    ids = []
+    ranked = []
     for spec_id in all_spec_ids():
         raw = yaml.safe_load((SPEC_ROOT / f"{spec_id}.yaml").read_text()) or {}
         if raw.get("output") == output:
-            ids.append(spec_id)
-    if not ids:
+            ranked.append((raw.get("order", 100), spec_id))
+    if not ranked:
         raise ReproError(f"no spec renders into {output!r}; outputs: {', '.join(all_outputs())}")
-    return ids
+    return [spec_id for _, spec_id in sorted(ranked)]
 
 
 def all_outputs() -> list[str]:

@@ -101,22 +101,28 @@ def test_slurm_config_errors_name_the_problem(tmp_path, monkeypatch):
 
 
 # -- status -------------------------------------------------------------------------------------------------------
-def test_status_tells_done_failed_running_interrupted_submitted_and_pending(tmp_path):
+def test_status_tells_done_failed_running_interrupted_submitted_and_pending(tmp_path, capsys):
+    from repro.executors import print_status
+
     store = RunStore(tmp_path)
+    for run_id in "abcdef":
+        store.write_config(run_id, {"kind": "train"})
     store.write_result("a", {"status": "done", "label": "A"})
     store.write_result("b", {"status": "failed", "label": "B", "reason": "non-finite loss"})
     lock = store.lock("c")
-    assert lock.try_acquire()
+    assert lock.try_acquire()  # a live trainer (this process)
     store.write_job("c", {"executor": "slurm", "job_id": "123"})
-    store.checkpoint_path("d").parent.mkdir(parents=True)
-    store.checkpoint_path("d").write_bytes(b"x")
-    store.write_job("e", {"executor": "slurm", "job_id": "124"})
-    states = {s.run_id: s for s in run_states(store)}  # the runs the store knows (a, b: with config below)
-    states = {rid: run_state(store, rid) for rid in "abcdef"}
-    assert {rid: s.state for rid, s in states.items()} == {"a": "done", "b": "failed", "c": "running",
-                                                          "d": "interrupted", "e": "submitted", "f": "pending"}
+    store.checkpoint_path("d").write_bytes(b"x")  # no live holder: killed, resumes from its checkpoint
+    store.write_job("e", {"executor": "slurm", "job_id": "124"})  # queued, not started
+    states = {state.run_id: state for state in run_states(store)}
+    assert {rid: st.state for rid, st in states.items()} == {"a": "done", "b": "failed", "c": "running",
+                                                            "d": "interrupted", "e": "submitted", "f": "pending"}
     assert "slurm job 123" in states["c"].detail and states["b"].detail == "non-finite loss"
+    print_status(store)
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == "1 pending, 1 submitted, 1 running, 1 interrupted, 1 done, 1 failed"
     lock.release()
+    assert run_state(store, "c").state == "submitted"
 
 
 # -- local jobs through submitit: preempted or killed mid-run ------------------------------------------------------

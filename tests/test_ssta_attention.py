@@ -204,7 +204,8 @@ def test_ta_only_split_uses_the_second_student_head(images):
     torch.manual_seed(8)
     student = create_model("vit_smoke_tiny", num_classes=5).train()
     ta = create_model("vit_smoke_tiny", num_classes=0)
-    term = get_term("ssta_attn")(_ctx(student, None, {"ta": ta}), beta=0.0, lam=1.0, student_heads=[0, 2])
+    term = get_term("ssta_attn")(_ctx(student, None, {"ta": ta}), beta=0.0, lam=1.0, student_heads=[0, 2],
+                                 ta_head=0)
     term.active(1)
     term(Outputs(logits=student(images)), _batch(images)).backward()
     q_grad = student.vit.blocks[-1].attn.qkv.weight.grad[:96]

@@ -89,6 +89,7 @@ def test_ssta_end_to_end_through_planner_and_runner(tmp_path, monkeypatch):
     assert sorted(c["config"]["loss"] for c in cached) == ["ce", "feature"]
     assert all(c["config"]["scope"] == "layer" and len(c["selection"]["pairs"]) == 1 for c in cached)
 
+
 # ------------------------------------------------------------------------------------------- the term
 
 def _silence_heads(model, keep: dict[int, int]) -> None:
@@ -241,6 +242,7 @@ def _rank_chooses(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes: ~40 s on the shared 2-core machine, mostly imports
 def test_distributed_ranks_distil_rank_zeros_heads(tmp_path):
     import socket
 

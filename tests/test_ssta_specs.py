@@ -119,8 +119,6 @@ def test_full_tier_plan_uses_published_teachers(specs):
     assert {r.config["model"]["arch"] for r in students} >= {"deit_tiny_patch16_224", "deit_small_patch16_224"}
 
 
-@pytest.mark.xfail(strict=True, reason="planner: a model's `pretrain` should apply only where the tier trains its "
-                                        "own teachers (teachers.source: train); see the SSTA helper's report")
 def test_full_tier_assistant_is_the_published_ssl_checkpoint(specs):
     plan = make_plan(specs[MAIN], "full")
     assistant_ids = {r.config["assistants"]["ta"]["run"] for r in plan.ordered() if r.config.get("assistants")}

@@ -107,8 +107,29 @@ _DEIT_DEFAULTS = {
 }
 
 
+def _posterize_keeping_zero_bits(img: Any, bits_to_keep: int, **_: Any) -> Any:
+    """timm's posterize, but 0 bits gives a black image as Pillow < 13 did (Pillow 13 raises for bits < 1,
+    and RandAugment's PosterizeIncreasing reaches 0 bits at magnitude 10, i.e. within DeiT's m9 / mstd 0.5)."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _patch_posterize() -> None:
+    import timm.data.auto_augment as auto_augment
+
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        if name in auto_augment.NAME_TO_OP:
+            auto_augment.NAME_TO_OP[name] = _posterize_keeping_zero_bits
+
+
 @FOLDER_RECIPES.register("deit")
 def deit(image_size: int, **options: Any) -> FolderRecipe:
+    _patch_posterize()
     opts = _checked_options("deit", _DEIT_DEFAULTS, options)
     train = create_transform(
         input_size=image_size, is_training=True, color_jitter=opts["color_jitter"],

@@ -57,6 +57,10 @@ class TimmViT(nn.Module):
         super().__init__()
         self.vit = vit
 
+    def no_weight_decay(self) -> set[str]:
+        """DeiT exempts position embedding and class/dist tokens from weight decay (timm's list, our prefix)."""
+        return {f"vit.{name}" for name in self.vit.no_weight_decay()}
+
     @property
     def blocks(self) -> nn.Sequential:
         return self.vit.blocks

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import statistics
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -41,12 +42,17 @@ def figure_stamp(tier: str, extra: str = "") -> str:
 
 
 def _new_figure(width: float, height: float, ncols: int = 1) -> tuple[Figure, list]:
-    """An Agg figure (no pyplot state) with a strip kept free at the bottom for the stamp (bottom right, clear of
-    the centred legends)."""
+    """An Agg figure (no pyplot state) with a strip kept free at the bottom for the stamp (legends go right)."""
     figure = Figure(figsize=(width, height), layout="constrained")
     figure.get_layout_engine().set(rect=(0, 0.035, 1, 0.965))
     FigureCanvasAgg(figure)
     return figure, list(figure.subplots(1, ncols, squeeze=False)[0])
+
+
+def _wrapped(title: str, figure: Figure) -> str:
+    """The title folded to the figure's width (about 9 characters per inch at the default title size)."""
+    width = max(30, int(9 * figure.get_figwidth()))
+    return "\n".join(textwrap.fill(line, width) for line in title.split("\n"))
 
 
 def _save(figure: Figure, path: str | Path, stamp: str) -> Path:
@@ -97,7 +103,7 @@ def plot_reported_vs_reproduced(frame: pd.DataFrame, path: str | Path, stamp: st
     ax.grid(linestyle=":", alpha=0.4)
     ax.set_xlabel("Reported top-1 (%)")
     ax.set_ylabel("Reproduced top-1 (%)")
-    ax.set_title(title)
+    ax.set_title(_wrapped(title, figure))
     skipped = len(frame) - len(usable)
     note = f"{len(usable)} cells plotted; {skipped} without a reported or a reproduced value"
     if not len(usable):
@@ -116,22 +122,22 @@ EntropyCurves = dict[str, dict[str, list[tuple[int, float, float]]]]  # pair -> 
 def gather_entropy_curves(plan: Plan, store: RunStore) -> EntropyCurves:
     """The student's mean predictive entropy per epoch (``metrics.jsonl`` column ``entropy``), for every cell of
     the plan, averaged over the seeds that have it: ``curves[teacher -> student][method] = [(epoch, mean, std)]``."""
-    curves: EntropyCurves = defaultdict(dict)
+    curves: EntropyCurves = {}
     for cell_runs in plan.cells:
+        cell = cell_runs.cell
+        pair = f"{cell.teacher} → {cell.student}" if cell.teacher else cell.student
+        curves.setdefault(pair, {})  # every pair gets a panel, with or without runs yet
         by_epoch: dict[int, list[float]] = defaultdict(list)
         for run_id in cell_runs.run_ids:
             for row in store.metrics(run_id):
                 if row.get("entropy") is not None:
                     by_epoch[int(row["epoch"])].append(float(row["entropy"]))
-        if not by_epoch:
-            continue
-        cell = cell_runs.cell
-        pair = f"{cell.teacher} → {cell.student}" if cell.teacher else cell.student
-        curves[pair][cell.method] = [
-            (epoch, statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
-            for epoch, values in sorted(by_epoch.items())
-        ]
-    return dict(curves)
+        if by_epoch:
+            curves[pair][cell.method] = [
+                (epoch, statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+                for epoch, values in sorted(by_epoch.items())
+            ]
+    return curves
 
 
 def plot_entropy_curves(curves: Mapping[str, Mapping[str, Sequence[tuple[int, float, float]]]], path: str | Path,
@@ -149,7 +155,7 @@ def plot_entropy_curves(curves: Mapping[str, Mapping[str, Sequence[tuple[int, fl
                     color=colours[method], label=method)
             if stds.any():
                 ax.fill_between(epochs, means - stds, means + stds, color=colours[method], alpha=0.2, linewidth=0)
-        if pair not in curves:
+        if not curves.get(pair):
             ax.text(0.5, 0.5, "no entropy logged yet", transform=ax.transAxes, ha="center", va="center")
         ax.set_title(pair, fontsize=10)
         ax.set_xlabel("Epoch")
@@ -157,8 +163,8 @@ def plot_entropy_curves(curves: Mapping[str, Mapping[str, Sequence[tuple[int, fl
         ax.grid(linestyle=":", alpha=0.4)
     handles = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
     if handles:
-        figure.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=len(handles), fontsize=8)
-    figure.suptitle(title)
+        figure.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=8)
+    figure.suptitle(_wrapped(title, figure))
     return _save(figure, path, stamp)
 
 
@@ -205,9 +211,9 @@ def plot_transfer(frame: pd.DataFrame, path: str | Path, stamp: str,
     ax.set_ylabel(f"Top-1 (%), {'/'.join(metrics)} epoch")
     ax.set_ylim(0, 100)
     ax.grid(axis="y", linestyle=":", alpha=0.4)
-    ax.set_title(title)
+    ax.set_title(_wrapped(title, figure))
     if datasets:
-        figure.legend(loc="outside lower center", ncols=len(datasets) + 1, fontsize=8)
+        figure.legend(loc="outside right upper", fontsize=8)
     return _save(figure, path, stamp)
 
 
