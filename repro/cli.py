@@ -72,13 +72,16 @@ def _print_plan(plan, store, device, estimate: bool = True) -> float:
 
 
 def _execute(plan, args: argparse.Namespace) -> int:
-    from repro.runner import execute
+    from repro.distributed import is_main_process
+    from repro.executors import execute_with_args
 
     store, device = _store(args), _device(args)
-    hours = _print_plan(plan, store, device, estimate=not args.no_estimate) / 3600
-    if args.budget_hours is not None and hours > args.budget_hours:
-        raise ReproError(f"the plan needs about {hours:.2f} h on this device, over --budget-hours {args.budget_hours}")
-    summary = execute(plan, store, device, progress=not args.no_progress, retry_failed=args.retry_failed)
+    if is_main_process():  # under --nproc every rank runs this: one prints, estimates and checks the budget
+        hours = _print_plan(plan, store, device, estimate=not args.no_estimate) / 3600
+        if args.budget_hours is not None and hours > args.budget_hours:
+            raise ReproError(f"the plan needs about {hours:.2f} h on this device, over --budget-hours "
+                             f"{args.budget_hours}")
+    summary = execute_with_args(plan, store, device, args)
     print(f"{plan.spec.id} [{plan.tier}]: {len(summary.done)} trained, {len(summary.cached)} cached, "
           f"{len(summary.failed)} failed, {len(summary.blocked)} blocked")
     return 0
@@ -142,11 +145,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 @command("table")
 def cmd_table(args: argparse.Namespace) -> int:
     """Run every spec that renders into ``tables/<output>.md``, then render it."""
+    from repro.distributed import is_main_process
     from repro.spec import specs_for_output
 
     for spec_id in specs_for_output(args.output):
         _execute(_plan(spec_id, args), args)
-    _report(args.output, args, f"repro table {args.output} --tier {args.tier}")
+    if is_main_process():  # one writer for the table files
+        _report(args.output, args, f"repro table {args.output} --tier {args.tier}")
     return 0
 
 
@@ -164,17 +169,11 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 
 @command("status")
 def cmd_status(args: argparse.Namespace) -> int:
-    store = _store(args)
-    counts: dict[str, int] = {}
-    for run_id in store.run_ids():
-        result = store.result(run_id)
-        status = result["status"] if result else ("running/interrupted" if store.checkpoint_path(run_id).exists()
-                                                   else "pending")
-        counts[status] = counts.get(status, 0) + 1
-        if args.verbose:
-            label = (result or {}).get("label", "")
-            print(f"{run_id}  {status:20s} {label}")
-    print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or f"no runs in {store.root}")
+    """Pending, submitted, running, interrupted, done and failed runs, whichever executor runs them."""
+    from repro.executors import print_status
+
+    plan = _plan(args.spec, args) if args.spec else None
+    print_status(_store(args), plan, verbose=args.verbose)
     return 0
 
 
@@ -199,6 +198,20 @@ def cmd_teachers(args: argparse.Namespace) -> int:
     raise ReproError(f"unknown teachers action {args.action!r}")
 
 
+@command("eval")
+def cmd_eval(args: argparse.Namespace) -> int:
+    from repro.evaluate.command import run_eval
+
+    return run_eval(args)
+
+
+@command("figures")
+def cmd_figures(args: argparse.Namespace) -> int:
+    from repro.evaluate.command import run_figures
+
+    return run_figures(args)
+
+
 @command("bench")
 def cmd_bench(args: argparse.Namespace) -> int:
     from repro.bench import run_bench
@@ -208,6 +221,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # -- parser --------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from repro.executors import add_scaleout_arguments
+
     parser = argparse.ArgumentParser(prog="repro", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -228,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-progress", action="store_true")
         p.add_argument("--no-estimate", action="store_true", help="skip the throughput micro-benchmark")
         p.add_argument("--budget-hours", type=float, default=None, help="refuse a plan estimated above this")
+        add_scaleout_arguments(p)
 
     sub.add_parser("specs", help="list the specs")
     p = sub.add_parser("schema", help="write the JSON Schema of a spec (for editor completion)")
@@ -251,9 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("smoke", help="every spec at the smoke tier (the CI smoke reproduction)")
     common(p)
     running(p)
-    p = sub.add_parser("status", help="pending / done / failed runs in the store")
+    p = sub.add_parser("status", help="pending / running / done / failed runs, across executors")
+    p.add_argument("spec", nargs="?", default=None, help="a spec id or YAML path: its runs, started or not")
     p.add_argument("-v", "--verbose", action="store_true")
-    common(p, tier=False)
+    common(p)
     p = sub.add_parser("teachers", help="fetch the public CIFAR teachers, train them, or precompute their outputs")
     p.add_argument("action", choices=["fetch", "train", "cache"])
     p.add_argument("--dest", default="teachers/cifar100", help="fetch: where the checkpoints go")
@@ -261,14 +278,23 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     running(p)
     from repro.bench import add_bench_parser
+    from repro.evaluate.command import add_eval_parser, add_figures_parser
 
     add_bench_parser(sub)
+    add_eval_parser(sub)
+    add_figures_parser(sub)
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
+        from repro.executors import prepare
+
+        launched = prepare(args, argv)  # --nproc N: this process launches N workers and waits for them
+        if launched is not None:
+            return launched
         return COMMANDS[args.command](args)
     except ReproError as err:
         print(f"error: {err}", file=sys.stderr)
