@@ -63,12 +63,14 @@ def assert_labelled(entry: dict, title: str, xlabel: str, ylabel: str) -> None:
 def test_reported_vs_reproduced_from_a_table_csv(tmp_path, drawn):
     rows = [
         {"method": "KD", "reported_mean": 74.9, "reported_std": 0.3, "reproduced_mean": 74.5, "reproduced_std": 0.2},
-        {"method": "WTTM", "reported_mean": 76.4, "reported_std": None, "reproduced_mean": 76.0, "reproduced_std": None},
+        {"method": "WTTM", "reported_mean": 76.4, "reported_std": None, "reproduced_mean": 76.0,
+         "reproduced_std": None},
         {"method": "FitNet", "reported_mean": 73.6, "reported_std": 0.3, "reproduced_mean": None},  # not run
         {"method": "TTM", "reported_mean": None, "reproduced_mean": 70.0},  # n/a in the paper
     ]
     csv = tmp_path / "wttm-cifar100.csv"
-    pd.DataFrame([{**{c: None for c in CSV_COLUMNS}, "tier": "smoke", **r} for r in rows], columns=CSV_COLUMNS).to_csv(csv, index=False)
+    table = pd.DataFrame([{**{c: None for c in CSV_COLUMNS}, "tier": "smoke", **r} for r in rows], columns=CSV_COLUMNS)
+    table.to_csv(csv, index=False)
     frame = figures.read_table_csv(csv)
     path = figures.plot_reported_vs_reproduced(frame, tmp_path / "reported-vs-reproduced-wttm-cifar100.png",
                                                figures.figure_stamp("smoke"), "wttm-cifar100: reported vs reproduced")
@@ -169,7 +171,8 @@ def test_ssta_analysis_figures_from_eval_records(tmp_path):
             "imagenet-c": {"ce": {"gaussian_noise": 80.0, "contrast": 70.0}},
             "top10": {"table": [
                 {"group": "teacher > TA", "rank": 1, "class_index": 3, "class_name": "n03", "model": m,
-                 "correct": c, "total": 5, "accuracy": 20.0 * c, "difference": 2} for m, c in (("teacher", 4), ("TA", 2))]},
+                 "correct": c, "total": 5, "accuracy": 20.0 * c, "difference": 2}
+                for m, c in (("teacher", 4), ("TA", 2))]},
         }),
         "TA": _record({"shape-bias": {"per_class": {"cat": 0.6, "dog": 0.5}, "shape_bias": 0.55},
                        "imagenet-c": {"ce": {"gaussian_noise": 90.0, "contrast": 60.0}}}),
@@ -203,7 +206,8 @@ def test_figures_command_writes_named_pngs_without_running(tmp_path, figure1_pla
         _finish(store, transfer_plan, run_id, 42.0)
     parser = argparse.ArgumentParser()
     add_figures_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["figures", "--tier", "smoke", "--no-run", "--only", "reported-vs-reproduced,entropy,transfer",
+    args = parser.parse_args(["figures", "--tier", "smoke", "--no-run",
+                              "--only", "reported-vs-reproduced,entropy,transfer",
                               "--outputs", "wttm-figure1,ssta-transfer",
                               "--runs", str(store.root), "--figures", str(tmp_path / "figures"),
                               "--tables", str(tmp_path / "tables"), "--device", "cpu", "--no-progress"])

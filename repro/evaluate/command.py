@@ -359,7 +359,7 @@ def evaluate_record(model: LoadedModel, suites: Sequence[str], data: EvalData, o
         started = time.perf_counter()
         results[name] = suite(model.module, cfg, device)
         seconds[name] = round(time.perf_counter() - started, 3)
-    record_options = {k: v for k, v in dataclasses.asdict(options).items() if k != "progress"}
+    record_options = _recorded_options(options)
     return {
         "format": RECORD_FORMAT,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -374,6 +374,11 @@ def evaluate_record(model: LoadedModel, suites: Sequence[str], data: EvalData, o
         "options": record_options,
         **environment(device),
     }
+
+
+def _recorded_options(options: SuiteOptions) -> dict[str, Any]:
+    # JSON round trip, so that a record read back compares equal (tuples become lists).
+    return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(options).items() if k != "progress"}))
 
 
 def distinct_names(first: str, second: str) -> tuple[str, str]:
@@ -685,16 +690,21 @@ def analysis_models(plan: Any, store: Any) -> list[AnalysisModel]:
         if run_id and run_id not in models and store.is_done(run_id):
             models[run_id] = AnalysisModel(label, run_id, role)
 
+    def name(key: Optional[str]) -> str:
+        # Display only: timm's "_patch16_224" suffix is the same for every SSTA model and crowds the legends.
+        return plan.spec.arch_of(key).replace("_patch16_224", "") if key else "?"
+
     for cell_runs in plan.cells:
         cell = cell_runs.cell
         for run_id in cell_runs.run_ids[:1]:
             config = plan.runs[run_id].config
-            add((config.get("teacher") or {}).get("run"), f"teacher {cell.teacher}", "teacher")
-            for name, ref in (config.get("assistants") or {}).items():
-                add(ref["run"], f"{name.upper()} {cell.assistant}", "assistant")
-            role = "teacher" if cell_runs.method.role == "teacher" else "student"
-            key = cell.teacher if role == "teacher" else cell.student
-            add(run_id, f"{'teacher' if role == 'teacher' else cell.method} {plan.spec.arch_of(key)}", role)
+            add((config.get("teacher") or {}).get("run"), f"teacher {name(cell.teacher)}", "teacher")
+            for ref in (config.get("assistants") or {}).values():
+                add(ref["run"], f"TA {name(cell.assistant)}", "assistant")
+            if cell_runs.method.role == "teacher":
+                add(run_id, f"teacher {name(cell.teacher)}", "teacher")
+            else:
+                add(run_id, f"{cell.method} {name(cell.student)}", "student")
     return list(models.values())
 
 
@@ -736,14 +746,17 @@ def analysis_data(ctx: FigureContext, num_outputs: int, image_size: int, suites:
     return _data_from_args(ctx.args)
 
 
-def cached_record(path: Path, data: EvalData, suites: Sequence[str]) -> Optional[dict[str, Any]]:
-    """A record already written for the same data and suites (a finished run's weights never change)."""
+def cached_record(path: Path, data: EvalData, suites: Sequence[str], options: SuiteOptions,
+                  top10_names: Optional[tuple[str, str]]) -> Optional[dict[str, Any]]:
+    """A record already written for the same data, options, suites and top-10 names (a finished run's weights
+    never change, so the numbers would be the same)."""
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
-    if record.get("data") == data.as_record() and set(suites) <= set(record.get("suites", {})):
-        return record
-    return None
+    same = (record.get("data") == data.as_record() and record.get("options") == _recorded_options(options)
+            and set(suites) <= set(record.get("suites", {}))
+            and record.get("top10_names") == (list(top10_names) if top10_names else None))
+    return record if same else None
 
 
 def evaluate_analysis_model(ctx: FigureContext, entry: AnalysisModel, other: Optional[AnalysisModel]
@@ -753,14 +766,17 @@ def evaluate_analysis_model(ctx: FigureContext, entry: AnalysisModel, other: Opt
     from repro.store import atomic_write_json
 
     model = load_model(entry.run_id, ctx.store, ctx.device)
+    model.label = entry.label  # the figure's short name, not the run's long label
     suites = ["imagenet-c"]
     if model.num_classes == IMAGENET_CLASSES:
         suites.append("shape-bias")
     else:
         print(f"  {entry.label}: shape bias skipped (it needs 1000-way ImageNet outputs, the model has "
               f"{model.num_classes})")
-    other_model = load_model(other.run_id, ctx.store, ctx.device) if other is not None else None
-    if other_model is not None:
+    other_model = None
+    if other is not None:
+        other_model = load_model(other.run_id, ctx.store, ctx.device)
+        other_model.label = other.label
         suites.append("top10")
     image_size = default_image_size(model)
     data = analysis_data(ctx, model.num_classes, image_size, suites)
@@ -772,11 +788,12 @@ def evaluate_analysis_model(ctx: FigureContext, entry: AnalysisModel, other: Opt
     if not suites:
         return None
     path = default_record_path(model, ctx.store, data.synthetic)
-    record = cached_record(path, data, suites)
+    mean, std = run_normalization(model)
+    options = SuiteOptions(image_size=image_size, mean=mean, std=std, progress=not ctx.args.no_progress,
+                           num_workers=0 if data.synthetic else None)
+    names = distinct_names(model.label, other_model.label) if other_model is not None else None
+    record = cached_record(path, data, suites, options, names)
     if record is None:
-        mean, std = run_normalization(model)
-        options = SuiteOptions(image_size=image_size, mean=mean, std=std, progress=not ctx.args.no_progress,
-                              num_workers=0 if data.synthetic else None)
         record = evaluate_record(model, suites, data, options, ctx.device, other_model,
                                  command=f"repro figures --tier {ctx.tier}")
         atomic_write_json(path, record)

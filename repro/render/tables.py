@@ -95,7 +95,7 @@ def section_markdown(spec: Spec, tier: str, results: list[CellResult]) -> str:
             " ".join(rid[:8] for rid in r.run_ids) or "–",
         ])
     table = tabulate(rows, headers=["Teacher → Student", "Method", "Reported", "Reproduced", "Metric", "Δ",
-                                    "Verdict", "Runs"], tablefmt="github")
+                                    "Verdict", "Runs"], tablefmt="github", disable_numparse=True)
     recipe = spec.recipe_for(tier)
     lines = [f"## {spec.table}: {spec.title}", "",
              f"Spec `{spec.id}` (`repro/specs/{spec.id}.yaml`); tier **{tier}**; seeds per cell: "
@@ -163,7 +163,7 @@ def claims_markdown(sections: list[tuple[Plan, list[CellResult]]]) -> str:
     if not rows:
         return ""
     table = tabulate(rows, headers=["Pair", "Claim", "Reproduced", "Gap", "Noise (2·SE)", "Verdict"],
-                     tablefmt="github")
+                     tablefmt="github", disable_numparse=True)
     return ("## Claims: the paper's orderings\n\nChecked on the reproduced numbers of this tier, per pair; a gap "
             "within twice the combined standard error counts as holding within noise (0.3-point seed std assumed "
             "where a cell has one seed).\n\n" + table + "\n")
