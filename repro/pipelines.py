@@ -123,4 +123,5 @@ def _register_folder_pipelines() -> None:
 
 def build_pipeline(recipe: Recipe, seed: int, device: torch.device) -> DataBundle:
     _register_folder_pipelines()
+    import repro.data.pipelines_transfer  # noqa: F401  (registers `cifar_transfer`: CIFAR upsampled for fine-tuning)
     return PIPELINES.get(recipe.pipeline)(recipe, seed, device)
