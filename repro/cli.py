@@ -157,13 +157,37 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 @command("smoke")
 def cmd_smoke(args: argparse.Namespace) -> int:
-    """Every output at the smoke tier: the CI smoke reproduction."""
-    from repro.spec import all_outputs
+    """Every spec at the smoke tier (the CI smoke reproduction), then every output rendered.
 
+    Specs are spread over ``--parallel`` worker processes (one torch thread each), balanced by run count; runs
+    shared between specs are trained once thanks to the per-run locks.
+    """
+    import os
+    import subprocess
+
+    from repro.plan import make_plan
+    from repro.spec import all_outputs, all_spec_ids, load_spec
+
+    sizes = sorted(((len(make_plan(load_spec(s), "smoke").runs), s) for s in all_spec_ids()), reverse=True)
+    groups: list[list[str]] = [[] for _ in range(max(1, args.parallel))]
+    loads = [0] * len(groups)
+    for size, spec_id in sizes:  # greedy: the biggest spec to the least loaded worker
+        i = loads.index(min(loads))
+        groups[i].append(spec_id)
+        loads[i] += size
+    base = [sys.executable, "-m", "repro", "run", "--tier", "smoke", "--no-estimate", "--no-progress"]
+    if args.runs:
+        base += ["--runs", args.runs]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    workers = [subprocess.Popen(["bash", "-c", " && ".join(" ".join(base[:4] + [spec] + base[4:]) for spec in g)],
+                                env=env) for g in groups if g]
+    codes = [w.wait() for w in workers]
+    if any(codes):
+        raise ReproError(f"smoke reproduction failed (worker exit codes {codes}); see the output above")
     args.tier = "smoke"
     for output in all_outputs():
         args.output = output
-        cmd_table(args)
+        _report(output, args, f"repro smoke (output {output})")
     return 0
 
 
@@ -266,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     running(p)
     p = sub.add_parser("smoke", help="every spec at the smoke tier (the CI smoke reproduction)")
     common(p)
-    running(p)
+    p.add_argument("--parallel", type=int, default=2, help="worker processes (default 2)")
     p = sub.add_parser("status", help="pending / running / done / failed runs, across executors")
     p.add_argument("spec", nargs="?", default=None, help="a spec id or YAML path: its runs, started or not")
     p.add_argument("-v", "--verbose", action="store_true")
