@@ -25,15 +25,9 @@ def command(name: str) -> Callable[[Callable[[argparse.Namespace], int]], Callab
 
 # -- helpers ---------------------------------------------------------------------------------------------------
 def _device(args: argparse.Namespace):
-    import torch
+    from repro.distributed import resolve_device
 
-    from repro.provenance import default_device
-
-    if args.device == "auto":
-        return default_device()
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ReproError(f"--device {args.device}: CUDA is not available on this machine")
-    return torch.device(args.device)
+    return resolve_device(args.device)
 
 
 def _store(args: argparse.Namespace):
@@ -51,36 +45,71 @@ def _plan(spec_ref: str, args: argparse.Namespace):
                      teacher_source=args.teachers)
 
 
-def _print_plan(plan, store, device, estimate: bool = True) -> float:
-    from repro.cost import CostModel, format_duration
+def _print_plan(plan, store, device, estimate: bool = True, cost=None) -> Optional[float]:
+    """Print the plan; returns the estimated seconds of its pending runs (from ``cost``, else measured on
+    ``device``), or None when they cannot be estimated (the reason is printed)."""
+    from repro.cost import CannotEstimate, CostModel, format_duration
 
-    cost = CostModel(store, device) if estimate else None
-    total = 0.0
+    if cost is None and estimate:
+        cost = CostModel(store, device)
+    total: Optional[float] = 0.0 if cost is not None else None
+    refusal = None
     print(f"plan {plan.spec.id} [tier {plan.tier}]: {len(plan.runs)} runs")
     for run in plan.ordered():
         result = store.result(run.run_id)
         status = result["status"] if result else "pending"
         est = ""
-        if status == "pending" and cost is not None:
-            seconds = cost.estimate_seconds(plan, run)
-            total += seconds
-            est = f"~{format_duration(seconds)}"
+        if status == "pending" and cost is not None and refusal is None:
+            try:
+                seconds = cost.estimate_seconds(plan, run)
+                total += seconds
+                est = f"~{format_duration(seconds)}"
+            except CannotEstimate as err:
+                refusal, total = str(err), None
         print(f"  {run.run_id}  {status:8s} {est:>10s}  {run.label}")
-    if cost is not None:
+    if refusal is not None:
+        print(f"no time estimate: {refusal}")
+    elif cost is not None:
         print(f"estimated time for pending runs on {cost.device_key}: {format_duration(total)}")
     return total
 
 
+def _remote_cost(store, args: argparse.Namespace):
+    """The cost model of runs on other machines (Slurm): the cached measurements of ``--estimate-device``.
+    Without it there is no estimate (and --budget-hours is refused): this machine's device is not theirs."""
+    from repro.cost import CostModel, measured_devices
+
+    if args.estimate_device:
+        return CostModel.from_cache(store, args.estimate_device)
+    known = measured_devices(store)
+    why = ("the runs execute on the Slurm nodes' devices, which this machine cannot measure; pass "
+           "--estimate-device NAME" + (f" (measured: {', '.join(repr(k) for k in known)})" if known else
+                                       " after measuring one (`repro plan SPEC --device cuda` on such a node)"))
+    if args.budget_hours is not None:
+        raise ReproError(f"--budget-hours needs an estimate: {why}")
+    print(f"no time estimate: {why}")
+    return None
+
+
 def _execute(plan, args: argparse.Namespace) -> int:
     from repro.distributed import is_main_process
-    from repro.executors import execute_with_args
+    from repro.executors import execute_with_args, runs_elsewhere
 
-    store, device = _store(args), _device(args)
+    store = _store(args)
+    # Slurm jobs resolve --device on their own nodes; this machine (a login node, maybe without a GPU) does not.
+    device = None if runs_elsewhere(args) else _device(args)
     if is_main_process():  # under --nproc every rank runs this: one prints, estimates and checks the budget
-        hours = _print_plan(plan, store, device, estimate=not args.no_estimate) / 3600
-        if args.budget_hours is not None and hours > args.budget_hours:
-            raise ReproError(f"the plan needs about {hours:.2f} h on this device, over --budget-hours "
-                             f"{args.budget_hours}")
+        cost = _remote_cost(store, args) if device is None and not args.no_estimate else None
+        estimate = not args.no_estimate and (device is not None or cost is not None)
+        seconds = _print_plan(plan, store, device, estimate=estimate, cost=cost)
+        if args.budget_hours is not None:
+            where = cost.device_key if cost is not None else "this device"
+            if seconds is None:
+                reason = "--no-estimate was given" if args.no_estimate else "see above"
+                raise ReproError(f"--budget-hours needs an estimate of the plan on {where} ({reason})")
+            if seconds / 3600 > args.budget_hours:
+                raise ReproError(f"the plan needs about {seconds / 3600:.2f} h on {where}, over --budget-hours "
+                                 f"{args.budget_hours}")
     summary = execute_with_args(plan, store, device, args)
     print(f"{plan.spec.id} [{plan.tier}]: {len(summary.done)} trained, {len(summary.cached)} cached, "
           f"{len(summary.failed)} failed, {len(summary.blocked)} blocked")
@@ -267,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-progress", action="store_true")
         p.add_argument("--no-estimate", action="store_true", help="skip the throughput micro-benchmark")
         p.add_argument("--budget-hours", type=float, default=None, help="refuse a plan estimated above this")
+        p.add_argument("--estimate-device", default=None,
+                       help="--executor slurm: estimate on this device (its name as measured and cached before, "
+                            "e.g. 'NVIDIA A100-SXM4-80GB'), not on this machine")
         add_scaleout_arguments(p)
 
     sub.add_parser("specs", help="list the specs")
@@ -311,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from repro.numerics import set_cublas_workspace
+
+    set_cublas_workspace()  # before any CUDA work of this process (cost model, teacher gate, every run)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:

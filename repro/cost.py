@@ -1,8 +1,9 @@
-"""Cost model: estimate each run's time on this device from measured throughput.
+"""Cost model: estimate each run's time on a device from measured throughput.
 
-Throughput comes from finished runs in the store with the same student/teacher/pipeline on the same device
-(images/s they recorded), else from a short micro-benchmark (a few forward/backward steps), cached per device in
-``<runs>/.cache/throughput.json``.
+Throughput comes from a short micro-benchmark (a few forward/backward steps) on this machine's device, cached
+per device name in ``<runs>/.cache/throughput.json``. Runs that execute elsewhere (Slurm nodes seen from a login
+node) are estimated from the cache entries of their device, by name (``CostModel.from_cache``), never from this
+machine's: a missing entry is a refusal that says how to measure it.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any, Optional
 
 import torch
 
+from repro.errors import ReproError
 from repro.models import create_model
 from repro.plan import Plan, PlannedRun
 from repro.provenance import device_name
@@ -37,19 +39,40 @@ def dataset_sizes(recipe: dict[str, Any]) -> tuple[int, int]:
     return train, test
 
 
+def measured_devices(store: RunStore) -> list[str]:
+    """The device names with cached throughput measurements in this store."""
+    path = store.root / ".cache" / "throughput.json"
+    cache = json.loads(path.read_text()) if path.is_file() else {}
+    return sorted({key.split("|", 1)[0] for key in cache})
+
+
 def _image_size(recipe: dict[str, Any]) -> int:
     return int(recipe.get("pipeline_args", {}).get("image_size", 32))
 
 
+class CannotEstimate(ReproError):
+    """No measured throughput for the target device; the message says what is missing and how to measure it."""
+
+
 class CostModel:
-    def __init__(self, store: RunStore, device: torch.device) -> None:
+    def __init__(self, store: RunStore, device: Optional[torch.device], device_key: Optional[str] = None) -> None:
+        """``device``: measure what the cache lacks on it (this machine's). Without one, ``device_key`` names the
+        target device, whose cached measurements are all there is."""
+        if device is None and device_key is None:
+            raise ValueError("CostModel needs a device to measure on or the name of a measured one")
         self.store = store
         self.device = device
-        self.device_key = device_name(device)
+        self.device_key = device_key or device_name(device)  # type: ignore[arg-type]
         self.path = store.root / ".cache" / "throughput.json"
         self.cache: dict[str, float] = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        if device.type == "cpu":
+        if device is not None and device.type == "cpu":
             torch.set_flush_denormal(True)  # as the runs themselves do (recipe.flush_denormal)
+
+    @classmethod
+    def from_cache(cls, store: RunStore, device_key: str) -> "CostModel":
+        """Estimates for a device this machine does not have, from its cached measurements only."""
+        return cls(store, None, device_key)
+
 
     def _teacher_model(self, plan: Plan, run: PlannedRun) -> Optional[dict[str, Any]]:
         teacher = run.config.get("teacher")
@@ -70,12 +93,18 @@ class CostModel:
         args = {k: v for k, v in model.get("args", {}).items() if k not in _WEIGHT_ARGS}
         key = f"{self.device_key}|{model['arch']}|{json.dumps(args, sort_keys=True)}|{size}|{'train' if train else 'forward'}"
         if key not in self.cache:
+            if self.device is None:
+                raise CannotEstimate(
+                    f"no throughput of {model['arch']} ({'training' if train else 'forward'}, {size} px) measured on "
+                    f"{self.device_key!r}; measure it on such a device once (e.g. `srun ... repro plan SPEC "
+                    f"--device cuda --runs {self.store.root}`), or pass --no-estimate")
             self.cache[key] = self._measure(model["arch"], args, size, train)
             atomic_write_json(self.path, self.cache)
         return self.cache[key]
 
     def _measure(self, arch: str, args: dict[str, Any], size: int, train: bool, batch: int = 16,
                  steps: int = 2) -> float:
+        assert self.device is not None
         torch.manual_seed(0)
         model = create_model(arch, **args).to(self.device).train(train)
         x = torch.randn(batch, 3, size, size, device=self.device)

@@ -79,7 +79,7 @@ def init_from_env(want_cuda: bool = True, quiet_workers: bool = True) -> Paralle
         return current()
     use_cuda = want_cuda and torch.cuda.is_available()
     if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(visible_cuda_device(int(os.environ.get("LOCAL_RANK", "0"))))
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     atexit.register(shutdown)
     par = current()
@@ -93,12 +93,51 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def resolve_device(spec: str) -> torch.device:
+    """``--device`` as this process sees it: ``auto`` is CUDA when a GPU is visible here, else the CPU.
+
+    Resolved where the run executes (a Slurm job resolves its own, never the login node that submitted it)."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ReproError(f"--device {spec!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ReproError(f"--device {spec}: CUDA is not available on this machine")
+    return device
+
+
+def visible_cuda_device(local_rank: int) -> torch.device:
+    """This process's GPU among the visible ones: ``cuda:<local rank>`` when the node shows every task all its
+    GPUs, ``cuda:0`` when it shows each task only its own (Slurm's per-task binding, CUDA_VISIBLE_DEVICES)."""
+    count = torch.cuda.device_count()
+    if local_rank < count:
+        return torch.device("cuda", local_rank)
+    if count == 1:
+        return torch.device("cuda", 0)
+    if count == 0:
+        raise ReproError(f"process with local rank {local_rank} sees no GPU")
+    raise ReproError(f"process with local rank {local_rank} sees {count} GPUs, neither all of the node's nor only "
+                     f"its own: cannot tell which is its own (give each task one GPU, or all of them)")
+
+
 def device_for_rank(device: torch.device, par: Optional[Parallel] = None) -> torch.device:
-    """One device per process: ``cuda`` becomes ``cuda:<local rank>`` inside a process group."""
+    """One device per process: ``cuda`` becomes this rank's visible GPU inside a process group."""
     par = par or current()
     if device.type == "cuda" and par.distributed:
-        return torch.device("cuda", par.local_rank)
+        return visible_cuda_device(par.local_rank)
     return device
+
+
+def gather_object(obj: Any, par: Optional[Parallel] = None) -> Optional[list[Any]]:
+    """Every rank's ``obj``, by rank, on rank 0 (None on the others); ``[obj]`` on one process."""
+    par = par or current()
+    if not par.distributed:
+        return [obj]
+    box: list[Any] = [None] * par.world_size
+    dist.all_gather_object(box, obj)  # all_gather: supported by NCCL and gloo alike (the states are small)
+    return box if par.is_main else None
 
 
 def broadcast_object(obj: Any, par: Optional[Parallel] = None) -> Any:

@@ -110,19 +110,29 @@ def prepare(args: argparse.Namespace, argv: Sequence[str]) -> Optional[int]:
     return None
 
 
-def execute_with_args(plan: Plan, store: RunStore, device: torch.device,
+def runs_elsewhere(args: argparse.Namespace) -> bool:
+    """The runs execute on other machines (Slurm nodes), whose devices this one cannot see or measure."""
+    return getattr(args, "executor", "local") == "slurm"
+
+
+def execute_with_args(plan: Plan, store: RunStore, device: Optional[torch.device],
                       args: argparse.Namespace) -> ExecutionSummary:
-    """``repro run``'s execution: in this process (group), or through the chosen executor's jobs."""
+    """``repro run``'s execution: in this process (group), or through the chosen executor's jobs.
+
+    ``device``: this machine's resolved ``--device`` (None when the runs execute elsewhere). Jobs get the
+    unresolved ``--device`` and resolve it themselves: ``auto`` on a GPU node is its GPU, whatever the driver has.
+    """
     from repro.runner import execute
 
     options = scale_options(args)
     progress = not getattr(args, "no_progress", False)
     retry = getattr(args, "retry_failed", False)
     if _uses_torchrun(args):
+        assert device is not None
         return execute(plan, store, device, progress=progress, retry_failed=retry, options=options)
     submitter = make_submitter(args, store, device)
-    return JobScheduler(plan, store, submitter, options, device_spec=str(device), retry_failed=retry,
-                        progress=progress).run()
+    return JobScheduler(plan, store, submitter, options, device_spec=getattr(args, "device", "auto"),
+                        retry_failed=retry, progress=progress).run()
 
 
 # -- the job -------------------------------------------------------------------------------------------------
@@ -136,6 +146,9 @@ class RunJob(submitit.helpers.Checkpointable):
         self.options, self.threads, self.retry_failed = options, threads, retry_failed
 
     def __call__(self) -> dict[str, Any]:
+        from repro.numerics import set_cublas_workspace
+
+        set_cublas_workspace()  # before this job's first CUDA call
         import torch
 
         from repro import distributed
@@ -144,7 +157,7 @@ class RunJob(submitit.helpers.Checkpointable):
 
         if submitit.JobEnvironment().num_tasks > 1:  # one task per process of the run
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-            distributed.init_from_env(want_cuda=self.device_spec.startswith("cuda"), quiet_workers=False)
+            distributed.init_from_env(want_cuda=self.device_spec != "cpu", quiet_workers=False)
         if self.threads:
             torch.set_num_threads(self.threads)
         try:
@@ -157,13 +170,18 @@ class RunJob(submitit.helpers.Checkpointable):
             distributed.shutdown()
 
     def _device(self) -> torch.device:
+        """The job's own device, resolved here (on the node that runs it) from the unresolved ``--device``."""
         import torch
 
-        if not self.device_spec.startswith("cuda"):
-            return torch.device(self.device_spec)
-        if not torch.cuda.is_available():
+        from repro import distributed
+
+        if self.device_spec.startswith("cuda") and not torch.cuda.is_available():
             raise ReproError(f"run {self.run.run_id}: its job sees no GPU (ask for some with --slurm-gpus)")
-        return torch.device("cuda")  # the job sees only the devices it was given: index 0 is its own
+        device = distributed.resolve_device(self.device_spec)
+        if device.type != "cuda":
+            return device
+        # The job sees only the devices it was given, all of them or (one task per GPU) just its own.
+        return distributed.visible_cuda_device(distributed.current().local_rank)
 
 
 # -- submitting ------------------------------------------------------------------------------------------------
@@ -181,12 +199,13 @@ class Submitter:
     cancel_on_interrupt: bool = True
 
 
-def make_submitter(args: argparse.Namespace, store: RunStore, device: torch.device) -> Submitter:
+def make_submitter(args: argparse.Namespace, store: RunStore, device: Optional[torch.device]) -> Submitter:
     folder = store.root / ".jobs" / "%j"
     nproc = getattr(args, "nproc", 1)
     if args.executor == "slurm":
         return _slurm_submitter(args, folder, nproc)
-    return local_submitter(folder, jobs=args.jobs or 1, nproc=nproc, use_cuda=device.type == "cuda")
+    return local_submitter(folder, jobs=args.jobs or 1, nproc=nproc,
+                           use_cuda=device is not None and device.type == "cuda")
 
 
 def local_submitter(folder: Path, jobs: int, nproc: int = 1, use_cuda: bool = False) -> Submitter:

@@ -48,12 +48,17 @@ def default_device() -> torch.device:
 
 
 def environment(device: torch.device) -> dict[str, Any]:
+    """Where a number was computed, and the numeric switches it ran under (read from torch, not the recipe):
+    TF32 (None where it cannot apply), determinism, CUDA and cuDNN versions (None on CPU)."""
+    from repro.numerics import numerics_stamp
+
     return {
         "device": device.type,
         "device_name": device_name(device),
         "versions": library_versions(),
         "commit": git_commit(),
         "hostname": platform.node(),
+        **numerics_stamp(device),
     }
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator,
+                      model_validator)
 
 from repro.errors import ReproError
 
@@ -111,8 +112,19 @@ class Recipe(Strict):
     compile: bool = False
     teacher_cache: bool = False
     teacher_cache_dtype: Literal["float16", "float32"] = "float16"  # float16: ~1.6 GB for CIFAR-100's 162 views
-    deterministic: bool = True
+    # strict: a kernel without a deterministic implementation is an error; warn: it runs and is recorded as a
+    # deviation; off: any algorithm (cuDNN autotuning). ``true`` (the earlier spelling) means warn.
+    deterministic: Literal["strict", "warn", "off"] = "warn"
+    # TF32 matmuls/convolutions on Ampere+ GPUs; off = true fp32, what the papers' pre-Ampere GPUs computed.
+    tf32: bool = False
     clip_grad_norm: Optional[PositiveFloat] = None
+
+    @field_validator("deterministic", mode="before")
+    @classmethod
+    def _legacy_determinism(cls, value: Any) -> Any:
+        from repro.numerics import LEGACY_DETERMINISM
+
+        return LEGACY_DETERMINISM.get(value, value) if isinstance(value, bool) else value
 
 
 class LossSpec(Strict):

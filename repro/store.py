@@ -34,15 +34,40 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
+_ABSENT = object()
+# Recipe fields added (or re-spelled) after run ids were first published, at the one value that computes what
+# every earlier config computed: that value is hashed in its earlier form (absent, or the old spelling), so adding
+# the field moved no run id. config.json always holds the full current form; any other value is hashed as it is
+# (a new id). Every earlier result ran on CPU, where ``tf32`` has no effect and ``deterministic: true`` behaved
+# as ``warn`` (no CPU kernel it used lacked a deterministic implementation).
+LEGACY_IDENTITY: dict[tuple[str, ...], tuple[Any, Any]] = {
+    ("recipe", "deterministic"): ("warn", True),
+    ("recipe", "tf32"): (False, _ABSENT),
+}
+
+
 def run_id_of(config: dict[str, Any]) -> str:
     identity = json.loads(canonical_json(config))
     for path in NON_IDENTITY_PATHS:
-        node = identity
-        for key in path[:-1]:
-            node = node.get(key, {}) if isinstance(node, dict) else {}
+        node = _parent(identity, path)
         if isinstance(node, dict):
             node.pop(path[-1], None)
+    for path, (current, legacy) in LEGACY_IDENTITY.items():
+        node = _parent(identity, path)
+        if isinstance(node, dict) and path[-1] in node and node[path[-1]] == current \
+                and type(node[path[-1]]) is type(current):
+            if legacy is _ABSENT:
+                del node[path[-1]]
+            else:
+                node[path[-1]] = legacy
     return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:16]
+
+
+def _parent(identity: dict[str, Any], path: tuple[str, ...]) -> Any:
+    node: Any = identity
+    for key in path[:-1]:
+        node = node.get(key, {}) if isinstance(node, dict) else {}
+    return node
 
 
 def _check_writer() -> None:

@@ -12,7 +12,6 @@ world size.
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from contextlib import nullcontext
@@ -25,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from repro import distributed
+from repro import distributed, numerics
 from repro.distributed import ScaleOptions, all_reduce_sum
 from repro.errors import ReproError
 from repro.methods import Distiller, TermContext, get_term
@@ -59,21 +58,12 @@ class Resolved:
 
 # -- numerics and determinism --------------------------------------------------------------------------------
 def configure_numerics(recipe: Recipe, device: torch.device, seed: int) -> list[str]:
-    """Seed everything and set the recipe's numeric switches; returns the deviations to record."""
-    notes = []
+    """Seed everything and set every numeric switch from the recipe (none inherited from an earlier run in this
+    process); returns the deviations to record."""
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-    if recipe.deterministic:
-        if device.type == "cuda":
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.backends.cudnn.benchmark = False
-            torch.backends.cudnn.deterministic = True
-        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
-    if recipe.flush_denormal and device.type == "cpu":
-        # Randomly initialised deep ResNets produce denormals that slow CPU convolutions several-fold.
-        if torch.set_flush_denormal(True):
-            notes.append("denormal floats flushed to zero (CPU speed; numerically negligible)")
+    notes = set_backend_flags(recipe, device)
     if recipe.precision == "bf16":
         notes.append("bf16 autocast for forward passes (losses in float32)")
     if recipe.channels_last:
@@ -85,19 +75,64 @@ def configure_numerics(recipe: Recipe, device: torch.device, seed: int) -> list[
     return notes
 
 
-def rng_state() -> dict[str, Any]:
+def set_backend_flags(recipe: Recipe, device: torch.device) -> list[str]:
+    """Determinism, TF32 and denormal flushing as the recipe asks, every one set explicitly."""
+    notes = numerics.apply_determinism(recipe.deterministic, device)
+    notes += numerics.apply_tf32(recipe.tf32, device)
+    # Randomly initialised deep ResNets produce denormals that slow CPU convolutions several-fold.
+    flush = recipe.flush_denormal and device.type == "cpu"
+    if torch.set_flush_denormal(flush) and flush:
+        notes.append("denormal floats flushed to zero (CPU speed; numerically negligible)")
+    return notes
+
+
+def rng_state(device: Optional[torch.device] = None) -> dict[str, Any]:
+    """This process's RNG states: Python, NumPy, torch's CPU generator and its own CUDA device's generator."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: Optional[torch.device] = None) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # checkpoints before per-rank states: every device's, by index
+        index = (device.index or 0) if device is not None else 0
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda.cpu(), device)
+
+
+def gather_rng_states(par: distributed.Parallel, device: torch.device) -> Optional[dict[str, Any]]:
+    """Every rank's RNG states, by rank, on rank 0 (None elsewhere); every rank must call it."""
+    mine = rng_state(device)
+    if not par.distributed:
+        return {"world_size": 1, "ranks": [mine]}
+    ranks = distributed.gather_object(mine, par)
+    return {"world_size": par.world_size, "ranks": ranks} if par.is_main else None
+
+
+def restore_rng_states(saved: dict[str, Any], par: distributed.Parallel, device: torch.device) -> list[str]:
+    """This rank's saved RNG states; returns the deviations (the same on every rank).
+
+    A rank the checkpoint has no state for (resumed at a larger world size) takes rank 0's: every rank starts a
+    run from the same seed and, on equal slices, draws alike, so that is what it would hold. A CUDA run resumed
+    from a checkpoint without CUDA states (written on CPU) keeps its CUDA generator as the run's seed left it.
+    """
+    ranks = saved["ranks"] if "ranks" in saved else [saved]  # earlier checkpoints: one state for all ranks
+    mine = ranks[par.rank] if par.rank < len(ranks) else ranks[0]
+    set_rng_state(mine, device)
+    notes = []
+    if par.world_size > len(ranks):
+        notes.append(f"resumed on {par.world_size} processes from a checkpoint of {len(ranks)}: ranks "
+                     f"{len(ranks)}-{par.world_size - 1} continue from rank 0's RNG states")
+    if device.type == "cuda" and "cuda" not in mine:
+        notes.append("resumed on CUDA from a checkpoint without CUDA RNG states: the CUDA generator continues "
+                     "from the run's seed")
+    return notes
 
 
 # -- evaluation --------------------------------------------------------------------------------------------
@@ -283,8 +318,9 @@ class Trainer:
 
     # -- state -----------------------------------------------------------------------------------------------
     def _save_checkpoint(self, epoch: int, best: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        rng = gather_rng_states(self.par, self.device)  # each rank's own generators, by rank
         if not self.par.is_main:
-            return  # every rank holds the same state; one writer
+            return  # every rank holds the same weights; one writer
         atomic_torch_save(self.store.checkpoint_path(self.run_id), {
             "epoch": epoch,
             "model": self.student.state_dict(),  # unwrapped: loads at any world size
@@ -293,7 +329,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "best": best,
             "history": history,
-            "rng": rng_state(),
+            "rng": rng,
             "mapping": self.mapping.fields(),  # informative only: resuming at another world size is fine
         })
         self.store.write_metrics(self.run_id, history)
@@ -302,12 +338,15 @@ class Trainer:
         path = self.store.checkpoint_path(self.run_id)
         if not path.is_file():
             return 0, {"top1": -1.0, "epoch": 0}, []
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        # On the CPU: load_state_dict copies weights and buffers onto their modules' device and puts optimizer
+        # state where the optimizer keeps it (Adam's `step` stays on the CPU unless capturable/fused); the RNG
+        # states must stay CPU ByteTensors.
+        state = torch.load(path, map_location="cpu", weights_only=False)
         self.student.load_state_dict(state["model"])
         self.distiller.terms.load_state_dict(state["terms"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        self.deviations += restore_rng_states(state["rng"], self.par, self.device)
         if self.par.is_main:
             self.store.write_metrics(self.run_id, state["history"])  # drop lines written after that checkpoint
         return int(state["epoch"]), state["best"], state["history"]
@@ -431,14 +470,22 @@ def train_run(config: dict[str, Any], store: RunStore, run_id: str, device: torc
               progress: bool = True, options: Optional[ScaleOptions] = None) -> dict[str, Any]:
     """Train (or resume) one run and return its result fields (without the environment stamp).
 
-    Inside a process group every rank calls this; the returned fields are the same on every rank."""
-    return Trainer(config, store, run_id, device, resolved, progress, options).run()
+    Inside a process group every rank calls this; the returned fields are the same on every rank (except the
+    non-deterministic kernels each rank saw; rank 0 writes its own)."""
+    with numerics.record_nondeterministic_kernels() as kernels:
+        try:
+            result = Trainer(config, store, run_id, device, resolved, progress, options).run()
+        except RunFailed as failure:
+            failure.details["deviations"] = failure.details.get("deviations", []) + kernels
+            raise
+    return {**result, "deviations": result["deviations"] + kernels}
 
 
 def evaluate_model(model: nn.Module, recipe_dict: dict[str, Any], device: torch.device) -> dict[str, float]:
     """Top-1/top-5 of a model on the recipe's test split (the teacher-accuracy gate uses it); split across the
     ranks of a process group when the test loader can be."""
     recipe = Recipe.model_validate(_recipe_with_defaults(recipe_dict))
+    set_backend_flags(recipe, device)  # the teacher runs under the recipe's TF32/determinism, as stamped
     data = build_pipeline(recipe, 0, device)
     loader, sharded = shard_for_evaluation(data.test)
     return evaluate(model.to(device), loader, sharded=sharded)
