@@ -127,8 +127,10 @@ def restore_rng_states(saved: dict[str, Any], par: distributed.Parallel, device:
     set_rng_state(mine, device)
     notes = []
     if par.world_size > len(ranks):
-        notes.append(f"resumed on {par.world_size} processes from a checkpoint of {len(ranks)}: ranks "
-                     f"{len(ranks)}-{par.world_size - 1} continue from rank 0's RNG states")
+        first, last = len(ranks), par.world_size - 1
+        which = f"rank {first}" if first == last else f"ranks {first}-{last}"
+        notes.append(f"resumed on {par.world_size} processes from a checkpoint of {len(ranks)}: {which} had no "
+                     f"saved RNG state and took rank 0's")
     if device.type == "cuda" and "cuda" not in mine:
         notes.append("resumed on CUDA from a checkpoint without CUDA RNG states: the CUDA generator continues "
                      "from the run's seed")
@@ -202,6 +204,7 @@ class Trainer:
         self.progress = progress and self.par.is_main
         self.recipe = Recipe.model_validate(_recipe_with_defaults(config["recipe"]))
         self.seed = int(config["seed"])
+        self.kernels: list[str] = []  # non-deterministic kernels that ran (train_run records them)
         self.mapping = distributed.map_batch(self.recipe.batch_size, self.par.world_size, self.options)
 
     def _autocast(self) -> Any:
@@ -330,6 +333,7 @@ class Trainer:
             "best": best,
             "history": history,
             "rng": rng,
+            "nondeterministic_kernels": list(self.kernels),  # rank 0's, since the run started
             "mapping": self.mapping.fields(),  # informative only: resuming at another world size is fine
         })
         self.store.write_metrics(self.run_id, history)
@@ -347,6 +351,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.deviations += restore_rng_states(state["rng"], self.par, self.device)
+        self.kernels += [k for k in state.get("nondeterministic_kernels", []) if k not in self.kernels]
         if self.par.is_main:
             self.store.write_metrics(self.run_id, state["history"])  # drop lines written after that checkpoint
         return int(state["epoch"]), state["best"], state["history"]
@@ -472,13 +477,15 @@ def train_run(config: dict[str, Any], store: RunStore, run_id: str, device: torc
 
     Inside a process group every rank calls this; the returned fields are the same on every rank (except the
     non-deterministic kernels each rank saw; rank 0 writes its own)."""
-    with numerics.record_nondeterministic_kernels() as kernels:
+    trainer = Trainer(config, store, run_id, device, resolved, progress, options)
+    with numerics.record_nondeterministic_kernels() as trainer.kernels:  # checkpointed: a resume keeps them
         try:
-            result = Trainer(config, store, run_id, device, resolved, progress, options).run()
+            result = trainer.run()
         except RunFailed as failure:
-            failure.details["deviations"] = failure.details.get("deviations", []) + kernels
+            if trainer.kernels:
+                failure.details["deviations"] = failure.details.get("deviations", []) + trainer.kernels
             raise
-    return {**result, "deviations": result["deviations"] + kernels}
+    return {**result, "deviations": result["deviations"] + trainer.kernels}
 
 
 def evaluate_model(model: nn.Module, recipe_dict: dict[str, Any], device: torch.device) -> dict[str, float]:

@@ -95,7 +95,7 @@ def _bare_trainer(root: Path, device: torch.device, par: Parallel = Parallel(),
     trainer.__dict__.update(store=RunStore(root), run_id="run", device=device, par=par, student=student,
                             distiller=SimpleNamespace(terms=nn.ModuleDict()), optimizer=optimizer,
                             scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1), mapping=map_batch(8, 1),
-                            deviations=[])
+                            deviations=[], kernels=[])
     return trainer
 
 
@@ -109,6 +109,7 @@ def test_resume_on_cuda_restores_the_rng_as_a_cpu_bytetensor_and_keeps_adam_step
                                                                                               monkeypatch):
     saver = _bare_trainer(tmp_path, torch.device("cpu"))
     _train_one_step(saver)
+    saver.kernels.append("non-deterministic kernel ran: some_kernel")  # seen before the kill
     saver._save_checkpoint(1, {"top1": 1.0, "epoch": 1}, [{"epoch": 1}])
     saved_rng = torch.get_rng_state()
     torch.rand(100)  # move the generator on
@@ -135,6 +136,7 @@ def test_resume_on_cuda_restores_the_rng_as_a_cpu_bytetensor_and_keeps_adam_step
         assert param_state["step"].device.type == "cpu"  # Adam (not capturable, not fused) keeps it there
         assert param_state["exp_avg"].device.type == "meta"  # moments go with their parameters
     assert any("without CUDA RNG states" in d for d in resumed.deviations)
+    assert resumed.kernels == ["non-deterministic kernel ran: some_kernel"]  # the result still lists it
 
 
 def _map_tensors(obj: Any, fn: Any) -> Any:
@@ -206,7 +208,7 @@ def test_a_rank_without_saved_state_takes_rank_0s_and_the_result_says_so(two_ran
     root, rank0, _ = two_rank_checkpoint
     cuda, trainer = _resume(root, monkeypatch, gpus=3, rank=2, world=3)
     assert torch.equal(cuda.states[2], rank0["cuda"])
-    assert any("ranks 2-2 continue from rank 0's RNG states" in d for d in trainer.deviations)
+    assert any("checkpoint of 2: rank 2 had no saved RNG state and took rank 0's" in d for d in trainer.deviations)
 
 
 # -- 3. one GPU per task ---------------------------------------------------------------------------------------

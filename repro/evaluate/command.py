@@ -410,13 +410,9 @@ def run_normalization(model: LoadedModel) -> tuple[Optional[list[float]], Option
 
 
 def _device(name: str) -> torch.device:
-    from repro.provenance import default_device
+    from repro.distributed import resolve_device
 
-    if name == "auto":
-        return default_device()
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ReproError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
+    return resolve_device(name)
 
 
 def _store(runs: Optional[str]) -> Any:
