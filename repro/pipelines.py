@@ -48,6 +48,17 @@ PIPELINE_DATASETS: dict[str, Callable[[], list[str]]] = {}
 FOLDER_DATASETS = ("imagenet",)
 
 
+# The ``pipeline_args`` keys a pipeline takes (given the args, which may pick a sub-recipe), for the load-time check.
+PIPELINE_ARGS: dict[str, Callable[[dict[str, Any]], list[str]]] = {"cifar_crop_flip": lambda args: []}
+FOLDER_ARGS = ("image_size", "workers")  # read by the folder pipelines themselves; the rest go to the recipe
+
+
+def pipeline_arg_names(name: str, args: dict[str, Any]) -> Optional[list[str]]:
+    """The ``pipeline_args`` keys pipeline ``name`` takes, or None when it does not declare them."""
+    accepted = PIPELINE_ARGS.get(name)
+    return None if accepted is None else sorted(accepted(args))
+
+
 def pipeline_datasets(name: str) -> list[str]:
     """The ``data.name`` values pipeline ``name`` accepts."""
     from repro.data import dataset_names
@@ -106,7 +117,7 @@ def cifar_crop_flip(recipe: Recipe, seed: int, device: torch.device) -> DataBund
 def _register_folder_pipelines() -> None:
     """ImageNet-style folder pipelines (torchdistill's standard recipe, DeiT's recipe) live in repro.data."""
     try:
-        from repro.data.pipelines_folder import build_folder_pipeline
+        from repro.data.pipelines_folder import FOLDER_RECIPE_OPTIONS, build_folder_pipeline
     except ModuleNotFoundError:
         return
 
@@ -137,6 +148,7 @@ def _register_folder_pipelines() -> None:
         if name not in PIPELINES:
             PIPELINES.register(name)(make(name))
             PIPELINE_DATASETS[name] = lambda: list(FOLDER_DATASETS)
+            PIPELINE_ARGS[name] = lambda args, name=name: [*FOLDER_ARGS, *FOLDER_RECIPE_OPTIONS[name]]
 
 
 def register_pipelines() -> None:

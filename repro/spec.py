@@ -342,7 +342,7 @@ def _recipes_to_check(spec: Spec) -> list[tuple[str, Recipe]]:
 def check_recipe_names(spec: Spec) -> None:
     """Every name a recipe gives (pipeline, optimizer, schedule, dataset) is registered, at every tier."""
     from repro.optim import OPTIMIZERS, SCHEDULES
-    from repro.pipelines import PIPELINES, pipeline_datasets, register_pipelines
+    from repro.pipelines import PIPELINES, pipeline_arg_names, pipeline_datasets, register_pipelines
 
     register_pipelines()
     for where, recipe in _recipes_to_check(spec):
@@ -352,6 +352,11 @@ def check_recipe_names(spec: Spec) -> None:
             if name not in registry:
                 raise ReproError(f"spec {spec.id}: {where}: {field} {name!r} is not a registered {registry.kind}; "
                                  f"known: {', '.join(registry.names())}")
+        accepted = pipeline_arg_names(recipe.pipeline, recipe.pipeline_args)
+        unknown = sorted(set(recipe.pipeline_args) - set(accepted)) if accepted is not None else []
+        if unknown:
+            raise ReproError(f"spec {spec.id}: {where}: pipeline_args {unknown} are not options of pipeline "
+                             f"{recipe.pipeline!r}; known: {', '.join(accepted) or '(none)'}")
         datasets = pipeline_datasets(recipe.pipeline)
         if recipe.data.name not in datasets:
             raise ReproError(f"spec {spec.id}: {where}: data.name {recipe.data.name!r} is not a dataset that "

@@ -155,6 +155,10 @@ def deit(image_size: int, **options: Any) -> FolderRecipe:
     return FolderRecipe(train, evaluation, mixup, float(opts["smoothing"]), int(opts["repeated_aug"]), opts)
 
 
+# Each recipe's options (what ``pipeline_args`` may override), for the load-time check of spec names.
+FOLDER_RECIPE_OPTIONS: dict[str, dict[str, Any]] = {"imagenet_standard": _STANDARD_DEFAULTS, "deit": _DEIT_DEFAULTS}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # samplers and loaders
 
