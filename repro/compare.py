@@ -6,7 +6,9 @@ The verdict rule (also printed under every table):
   SE = sqrt(s_r^2 / n_r + s_o^2 / n_o) combines the reported std s_r over its n_r runs and our std s_o over our
   n_o seeds; a missing std borrows the other side's, and 0.3 points (a typical CIFAR seed std) when both miss;
 - otherwise "below" or "above"; a cell without a reported number is "not comparable".
-The metric follows the reported protocol (best-epoch or last-epoch) when the ledger states it, else the spec's.
+The metric follows the reported protocol (best-epoch or last-epoch) when the ledger states it, else the spec's,
+and measures what the reported number measures (``Reported.metric``: top-1 or top-5; at the best epoch, the top-5
+of the epoch with the best top-1, the checkpoint the best-epoch protocol keeps).
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ VERDICT_RULE = (
     "Verdict: smoke/proxy tiers are never compared with the paper. At the full tier a cell is *reproduced* when "
     "|Δ| ≤ max(2·SE, 0.1) points with SE = √(s_r²/n_r + s_o²/n_o) (reported std over its runs, our std over our "
     f"seeds; a missing std borrows the other's, {ASSUMED_SEED_STD} when both are missing), else *below*/*above*. "
-    "The metric follows the reported protocol (best or last epoch) where the ledger states it."
+    "The metric follows the reported protocol (best or last epoch) where the ledger states it, and the "
+    "reported measure (top-1 or top-5)."
 )
 
 
@@ -105,7 +108,8 @@ def compare_cell(spec_id: str, table: str, cell: Cell, method: MethodDef, run_id
         last = [r["last_top1"] for r in finished]
         out.best_mean, _ = _mean_std(best)
         out.last_mean, _ = _mean_std(last)
-        out.mean, out.std = _mean_std(best if metric == "best" else last)
+        measured = [r[f"{metric}_{cell.reported.metric}"] for r in finished]  # e.g. best_top1, last_top5
+        out.mean, out.std = _mean_std(measured)
         out.n = len(finished)
     out.verdict = verdict_for(out)
     return out

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Optional, Protocol
 import torch
 from torch import Tensor
 
+from repro.errors import ReproError
 from repro.methods.base import Batch
 from repro.registry import Registry
 from repro.spec import Recipe
@@ -40,6 +41,29 @@ class DataBundle:
 
 PipelineFactory = Callable[[Recipe, int, torch.device], DataBundle]
 PIPELINES: Registry[PipelineFactory] = Registry("data pipeline")
+# The dataset names (``data.name``) a pipeline reads, for the load-time check; pipelines not listed read any
+# registered in-memory dataset (``repro.data.DATASETS``).
+PIPELINE_DATASETS: dict[str, Callable[[], list[str]]] = {}
+# Folder pipelines read an ImageFolder at ``data.root``; ``data.name`` says which dataset that folder holds.
+FOLDER_DATASETS = ("imagenet",)
+
+
+# The ``pipeline_args`` keys a pipeline takes (given the args, which may pick a sub-recipe), for the load-time check.
+PIPELINE_ARGS: dict[str, Callable[[dict[str, Any]], list[str]]] = {"cifar_crop_flip": lambda args: []}
+FOLDER_ARGS = ("image_size", "workers")  # read by the folder pipelines themselves; the rest go to the recipe
+
+
+def pipeline_arg_names(name: str, args: dict[str, Any]) -> Optional[list[str]]:
+    """The ``pipeline_args`` keys pipeline ``name`` takes, or None when it does not declare them."""
+    accepted = PIPELINE_ARGS.get(name)
+    return None if accepted is None else sorted(accepted(args))
+
+
+def pipeline_datasets(name: str) -> list[str]:
+    """The ``data.name`` values pipeline ``name`` accepts."""
+    from repro.data import dataset_names
+
+    return list(PIPELINE_DATASETS.get(name, dataset_names)())
 
 
 def data_root(recipe: Recipe) -> Path:
@@ -93,7 +117,7 @@ def cifar_crop_flip(recipe: Recipe, seed: int, device: torch.device) -> DataBund
 def _register_folder_pipelines() -> None:
     """ImageNet-style folder pipelines (torchdistill's standard recipe, DeiT's recipe) live in repro.data."""
     try:
-        from repro.data.pipelines_folder import build_folder_pipeline
+        from repro.data.pipelines_folder import FOLDER_RECIPE_OPTIONS, build_folder_pipeline
     except ModuleNotFoundError:
         return
 
@@ -105,11 +129,15 @@ def _register_folder_pipelines() -> None:
 
                 if not (root / "train").is_dir():
                     write_synthetic_imagefolder(root, **recipe.data.synthetic)
+            if recipe.data.name not in FOLDER_DATASETS:
+                raise ReproError(f"pipeline {name!r} reads an image folder; data.name {recipe.data.name!r} is not "
+                                 f"one of {', '.join(FOLDER_DATASETS)}")
             args = dict(recipe.pipeline_args)
             image_size = int(args.pop("image_size", 224))
             workers = int(args.pop("workers", 0))
             train, test, labels, num_classes, fingerprint = build_folder_pipeline(
-                name, root, image_size, recipe.batch_size, seed, device, workers, **args)
+                name, root, image_size, recipe.batch_size, seed, device, workers,
+                eval_batch_size=recipe.eval_batch_size, **args)
             return DataBundle(train=train, test=test, train_labels=labels, num_classes=num_classes,
                               fingerprint=fingerprint, image_size=image_size, train_size=len(labels),
                               test_size=getattr(test, "num_samples", 0))
@@ -119,9 +147,16 @@ def _register_folder_pipelines() -> None:
     for name in ("imagenet_standard", "deit"):
         if name not in PIPELINES:
             PIPELINES.register(name)(make(name))
+            PIPELINE_DATASETS[name] = lambda: list(FOLDER_DATASETS)
+            PIPELINE_ARGS[name] = lambda args, name=name: [*FOLDER_ARGS, *FOLDER_RECIPE_OPTIONS[name]]
+
+
+def register_pipelines() -> None:
+    """Register every pipeline (the folder and transfer ones live in repro.data and register on import)."""
+    _register_folder_pipelines()
+    import repro.data.pipelines_transfer  # noqa: F401  (registers `cifar_transfer`: CIFAR upsampled for fine-tuning)
 
 
 def build_pipeline(recipe: Recipe, seed: int, device: torch.device) -> DataBundle:
-    _register_folder_pipelines()
-    import repro.data.pipelines_transfer  # noqa: F401  (registers `cifar_transfer`: CIFAR upsampled for fine-tuning)
+    register_pipelines()
     return PIPELINES.get(recipe.pipeline)(recipe, seed, device)

@@ -125,7 +125,7 @@ class Planner:
         recipe = self._recipe_for_arch(model["arch"])
         if method is not None and method.recipe:
             recipe = deep_merge(recipe, method.recipe)
-            Recipe.model_validate({**recipe, "lr_by_arch": {}})  # method overrides obey the schema too
+            self._validated(recipe, f"method recipe overrides for {key}")  # method overrides obey the schema too
         return {
             "kind": "train",
             "tier": self.tier,
@@ -137,6 +137,16 @@ class Planner:
             "recipe": recipe,
         }
 
+    def _validated(self, recipe: dict[str, Any], what: str) -> None:
+        from pydantic import ValidationError
+
+        from repro.spec import format_validation_error
+
+        try:
+            Recipe.model_validate({**recipe, "lr_by_arch": {}})
+        except ValidationError as err:
+            raise ReproError(f"spec {self.spec.id} [tier {self.tier}]: {what}: {format_validation_error(err)}") from None
+
     def _teacher_run(self, key: Optional[str]) -> str:
         assert key is not None
         source = self.recipe.teachers
@@ -145,6 +155,7 @@ class Planner:
             config = self._train_config(key, {"ce": {"weight": 1.0}}, source.seed, None, {})
             if source.epochs:
                 config["recipe"]["epochs"] = source.epochs
+                self._validated(config["recipe"], f"teachers.epochs {source.epochs} for teacher {key}")
             init_id = self._pretrain_run(key)
             if init_id:
                 config["init"] = {"run": init_id}

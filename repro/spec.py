@@ -20,6 +20,7 @@ SPEC_ROOT = Path(__file__).parent / "specs"
 TIERS = ("smoke", "proxy", "full")
 Tier = Literal["smoke", "proxy", "full"]
 SourceKind = Literal["paper", "appendix", "readme", "code", "other-paper", "assumption"]
+REPORTED_METRICS = ("top1", "top5")  # what a cell's reported number may measure (a result field per protocol)
 
 
 class Strict(BaseModel):
@@ -43,7 +44,17 @@ class Reported(Strict):
     source: str = ""
     confidence: str = "high"
     status: Literal["reported", "not_transcribed", "not_available"] = "reported"
+    # What the number measures; compared with the runs' top-1 or top-5 (repro.compare). mCE and shape bias are
+    # measured by `repro eval` over finished runs, not by training runs, so a table cell cannot hold them.
     metric: str = "top1"
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        if value not in REPORTED_METRICS:
+            raise ValueError(f"metric {value!r} is not compared from training runs; known: "
+                             f"{', '.join(REPORTED_METRICS)} (mCE and shape bias are measured by `repro eval`)")
+        return value
 
 
 class DataConfig(Strict):
@@ -77,6 +88,13 @@ class ScheduleConfig(Strict):
     warmup_epochs: int = Field(0, ge=0)
     warmup_lr: float = Field(1e-6, ge=0)
     min_lr: float = Field(0.0, ge=0)
+
+    def problem_within(self, epochs: int) -> Optional[str]:
+        """Why this schedule does not fit in ``epochs`` epochs (None when it does)."""
+        # (Milestones past the end are harmless no-ops, e.g. a short pretraining recipe under a tier's schedule.)
+        if self.warmup_epochs > epochs:
+            return f"schedule.warmup_epochs = {self.warmup_epochs}: must be at most the {epochs} epochs"
+        return None
 
 
 class TeacherSource(Strict):
@@ -126,6 +144,13 @@ class Recipe(Strict):
 
         return LEGACY_DETERMINISM.get(value, value) if isinstance(value, bool) else value
 
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> "Recipe":
+        problem = self.schedule.problem_within(self.epochs)
+        if problem:
+            raise ValueError(problem)
+        return self
+
 
 class LossSpec(Strict):
     """One weighted loss term; any other key is a constructor parameter of the registered term."""
@@ -144,7 +169,10 @@ class MethodDef(Strict):
     note: str = ""
 
     def needs_teacher(self) -> bool:
-        return self.role == "student" and any(name != "ce" for name in self.losses)
+        """Whether a run of this row needs a teacher model: asked of each registered loss term."""
+        from repro.methods import get_term
+
+        return self.role == "student" and any(get_term(name).requires_teacher_model() for name in self.losses)
 
 
 class Cell(Strict):
@@ -257,6 +285,9 @@ def format_validation_error(err: ValidationError) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = f"unknown key {e['loc'][-1]!r}"
+        elif e["type"] in ("literal_error", "enum") and "input" in e:
+            msg = f"{msg}, got {e['input']!r}"
+        msg = msg.removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts)
 
@@ -297,38 +328,110 @@ def load_spec(spec_ref: str, check_models: bool = True) -> Spec:
         spec.recipe_for(tier)  # tier overrides must validate too
     if check_models:
         check_model_names(spec)
+        check_recipe_names(spec)
         check_loss_terms(spec)
     return spec
 
 
-def check_loss_terms(spec: Spec) -> None:
-    """Every loss term exists and gets exactly the parameters its constructor takes (named when wrong)."""
-    import inspect
+def _recipes_to_check(spec: Spec) -> list[tuple[str, Recipe]]:
+    """(where, recipe) for the spec's recipe at every tier and under every method's recipe overrides."""
+    out = [("recipe", spec.recipe)]  # first, so that a bad base value is named as the recipe's, not a tier's
+    for tier in TIERS:
+        recipe = spec.recipe_for(tier)
+        out.append((f"tier {tier!r}", recipe))
+        for name, method in spec.methods.items():
+            if method.recipe:
+                merged = deep_merge(recipe.model_dump(), method.recipe)
+                try:
+                    out.append((f"tier {tier!r}, method {name!r}", Recipe.model_validate(merged)))
+                except ValidationError as err:
+                    raise ReproError(f"spec {spec.id}: tier {tier!r}, method {name!r} recipe overrides: "
+                                     f"{format_validation_error(err)}") from None
+    return out
 
-    from repro.methods import get_term
+
+def check_recipe_names(spec: Spec) -> None:
+    """Every name a recipe gives (pipeline, optimizer, schedule, dataset) is registered, at every tier."""
+    from repro.optim import OPTIMIZERS, SCHEDULES
+    from repro.pipelines import PIPELINES, pipeline_arg_names, pipeline_datasets, register_pipelines
+
+    register_pipelines()
+    for where, recipe in _recipes_to_check(spec):
+        for field, name, registry in (("pipeline", recipe.pipeline, PIPELINES),
+                                      ("optimizer.name", recipe.optimizer.name, OPTIMIZERS),
+                                      ("schedule.name", recipe.schedule.name, SCHEDULES)):
+            if name not in registry:
+                raise ReproError(f"spec {spec.id}: {where}: {field} {name!r} is not a registered {registry.kind}; "
+                                 f"known: {', '.join(registry.names())}")
+        accepted = pipeline_arg_names(recipe.pipeline, recipe.pipeline_args)
+        unknown = sorted(set(recipe.pipeline_args) - set(accepted)) if accepted is not None else []
+        if unknown:
+            raise ReproError(f"spec {spec.id}: {where}: pipeline_args {unknown} are not options of pipeline "
+                             f"{recipe.pipeline!r}; known: {', '.join(accepted) or '(none)'}")
+        datasets = pipeline_datasets(recipe.pipeline)
+        if recipe.data.name not in datasets:
+            raise ReproError(f"spec {spec.id}: {where}: data.name {recipe.data.name!r} is not a dataset that "
+                             f"pipeline {recipe.pipeline!r} reads; known: {', '.join(datasets)}")
+
+
+def check_loss_terms(spec: Spec) -> None:
+    """Every loss term exists, gets exactly the parameters its constructor takes, and every parameter (given or
+    default) lies in the domain the term declares (``LossTerm.domains``); the first problem is named."""
     from repro.plan import resolve_losses
 
+    # Epoch parameters (warm-ups, early stops) are the paper's: checked against the spec's own (full-tier)
+    # schedule, which the smoke and proxy tiers shorten.
+    epochs = spec.recipe_for("full").epochs
+    pretrain_methods = {m.pretrain for m in spec.models.values() if m.pretrain}
     for i, cell in enumerate(spec.cells):
         method = spec.methods[cell.method]
         if method.reported_only is not None or method.role == "teacher":
             continue
         for name, params in resolve_losses(method, cell).items():
-            where = f"spec {spec.id}: cells[{i}] ({cell.method}, {cell.student}): loss term {name!r}"
-            signature = inspect.signature(get_term(name).__init__)
-            accepted = [p for p in list(signature.parameters.values())[2:]]  # after self, ctx
-            if any(p.kind is p.VAR_KEYWORD for p in accepted):
-                continue
-            names = {p.name for p in accepted}
-            given = set(params) - {"weight"}
-            unknown = sorted(given - names)
-            if unknown:
-                raise ReproError(f"{where}: unknown parameter(s) {unknown}; it takes {sorted(names)}")
-            missing = sorted(p.name for p in accepted if p.default is p.empty and p.name not in given)
-            if missing:
-                raise ReproError(f"{where}: missing parameter(s) {missing}")
+            _check_term(f"spec {spec.id}: cells[{i}] ({cell.method}, {cell.student}): loss term {name!r}", name,
+                        params, _run_epochs(spec, method, epochs))
+    for key in sorted(pretrain_methods & set(spec.methods)):
+        method = spec.methods[key]
+        for name, params in resolve_losses(method, None).items():
+            _check_term(f"spec {spec.id}: method {key!r}: loss term {name!r}", name, params,
+                        _run_epochs(spec, method, epochs))
     for key, mdef in spec.models.items():
         if mdef.pretrain and mdef.pretrain not in spec.methods:
             raise ReproError(f"spec {spec.id}: model {key!r} names unknown pretrain method {mdef.pretrain!r}")
+
+
+def _run_epochs(spec: Spec, method: MethodDef, epochs: int) -> int:
+    override = method.recipe.get("epochs")
+    return int(override) if isinstance(override, int) and not isinstance(override, bool) else epochs
+
+
+def _check_term(where: str, name: str, params: dict[str, Any], epochs: int) -> None:
+    import inspect
+
+    from repro.domains import FINITE
+    from repro.methods import get_term
+
+    term = get_term(name)
+    signature = inspect.signature(term.__init__)
+    accepted = [p for p in list(signature.parameters.values())[2:]]  # after self, ctx
+    given = set(params) - {"weight"}
+    if not any(p.kind is p.VAR_KEYWORD for p in accepted):
+        names = {p.name for p in accepted}
+        unknown = sorted(given - names)
+        if unknown:
+            raise ReproError(f"{where}: unknown parameter(s) {unknown}; it takes {sorted(names)}")
+        missing = sorted(p.name for p in accepted if p.default is p.empty and p.name not in given)
+        if missing:
+            raise ReproError(f"{where}: missing parameter(s) {missing}")
+    defaults = {p.name: p.default for p in accepted if p.default is not p.empty}
+    values = {**defaults, **params}
+    for param, domain in {"weight": FINITE, **term.domains}.items():
+        if param not in values:
+            continue
+        problem = domain.problem(values[param], epochs)
+        if problem:
+            source = "" if param in params else " (its default)"
+            raise ReproError(f"{where}: {param} = {values[param]!r}{source}: {problem}")
 
 
 def _read_base(base: str, spec_file: Path) -> dict[str, Any]:

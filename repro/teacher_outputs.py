@@ -25,12 +25,16 @@ def teacher_cache_key(weights_key: str, recipe: Recipe) -> str:
     return f"{weights_key}|{recipe.precision}|cl={recipe.channels_last}"
 
 
-def open_teacher_cache(store_root: Path, weights_key: str, recipe: Recipe, dataset: Any) -> Any:
+def open_teacher_cache(store_root: Path, weights_key: str, recipe: Recipe, dataset: Any, num_classes: int) -> Any:
+    """The cache file of one teacher for one training set: opened by training and by ``repro teachers cache``
+    alike (one key, one dtype: the recipe's ``teacher_cache_dtype``), so a pre-fill is the file training reads.
+    ``num_classes`` is the logits' width (the models' class count, which may exceed the labels in use)."""
     from repro.data.teacher_cache import TeacherCache
 
     norm = recipe.normalization
-    return TeacherCache.for_dataset(cache_dir(store_root), teacher_key=teacher_cache_key(weights_key, recipe),
-                                    dataset=dataset, mean=norm.mean, std=norm.std, dtype=recipe.teacher_cache_dtype)
+    return TeacherCache.open(cache_dir(store_root), teacher_key=teacher_cache_key(weights_key, recipe),
+                             data_fingerprint=dataset.fingerprint, normalization=(tuple(norm.mean), tuple(norm.std)),
+                             num_images=len(dataset), num_classes=num_classes, dtype=recipe.teacher_cache_dtype)
 
 
 def teacher_runs(plan: Plan) -> list[str]:
@@ -56,7 +60,8 @@ def cache_teachers(plan: Plan, store: RunStore, device: torch.device) -> list[tu
         data = build_pipeline(recipe, 0, device)
         if data.dataset is None:
             raise ReproError(f"pipeline {recipe.pipeline!r} has no discrete views: its teacher outputs cannot be cached")
-        cache = open_teacher_cache(store.root, weights_key, recipe, data.dataset)
+        cache = open_teacher_cache(store.root, weights_key, recipe, data.dataset,
+                                   students[0].config["model"]["num_classes"])
         bar = tqdm(total=len(data.dataset) * 162, desc=f"cache {run_id[:8]}", unit="view", mininterval=1.0)
         computed = fill_cache(cache, model, data.dataset, recipe.normalization.mean, recipe.normalization.std, device,
                               progress=lambda n, total: bar.update(n - bar.n))

@@ -11,7 +11,6 @@ world size.
 """
 from __future__ import annotations
 
-import math
 import random
 import time
 from contextlib import nullcontext
@@ -68,10 +67,7 @@ def configure_numerics(recipe: Recipe, device: torch.device, seed: int) -> list[
         notes.append("bf16 autocast for forward passes (losses in float32)")
     if recipe.channels_last:
         notes.append("channels_last memory format")
-    if recipe.compile:
-        notes.append("torch.compile")
-    if recipe.teacher_cache:
-        notes.append("teacher logits from the exact teacher-output cache")
+    # compile and teacher_cache are stamped where the run decides what actually happens (Trainer._build).
     return notes
 
 
@@ -243,14 +239,20 @@ class Trainer:
             params = dict(params)
             weight = params.pop("weight", 1.0)
             terms[name] = (weight, get_term(name)(ctx, **params).to(self.device))
-        wants_features = any(term.features for _, term in terms.values())  # the cache holds logits only
-        self.distiller = Distiller(student, self.resolved.teacher, terms,
-                                   teacher_fn=None if wants_features else self._teacher_fn())
+        teacher_fn, cache_note = self._teacher_fn(terms)
+        if cache_note:
+            self.deviations.append(cache_note)
+        self.distiller = Distiller(student, self.resolved.teacher, terms, teacher_fn=teacher_fn)
         self.lr = self._learning_rate()
         self.optimizer = OPTIMIZERS.get(recipe.optimizer.name)([student, self.distiller.terms], recipe.optimizer,
                                                                self.lr)
         self.scheduler = SCHEDULES.get(recipe.schedule.name)(self.optimizer, recipe.schedule, recipe.epochs)
-        self.forward_student = torch.compile(student) if recipe.compile else student
+        if recipe.compile:
+            # In place (nn.Module.compile): the Distiller's training forward and evaluation both call the
+            # compiled module, and the state dict keeps its plain names (checkpoints load uncompiled).
+            student.compile()
+            self.deviations.append("torch.compile (inductor) of the student's forward, training and evaluation; "
+                                   "teacher, loss terms, backward bookkeeping and optimizer step eager")
         self.deviations += self._scale_deviations()
 
     def _learning_rate(self) -> float:
@@ -304,20 +306,32 @@ class Trainer:
             model.train(was_training)
             setattr(ctx, attr, [int(f.shape[1]) for f in feats or []])
 
-    def _teacher_fn(self) -> Optional[TeacherFn]:
-        if not (self.recipe.teacher_cache and self.resolved.teacher is not None and self.data.views):
-            return None
-        from repro.data.teacher_cache import TeacherCache, cached_teacher_fn
+    def _teacher_fn(self, terms: dict[str, tuple[float, Any]]) -> tuple[Optional[TeacherFn], Optional[str]]:
+        """The teacher-output cache's lookup when the run can use it, and the stamp saying what actually ran."""
+        if not self.recipe.teacher_cache:
+            return None, None
+        reason = self._cache_unused_reason(terms)
+        if reason:
+            return None, f"teacher_cache requested but not used ({reason})"
+        from repro.data.teacher_cache import cached_teacher_fn
+        from repro.teacher_outputs import open_teacher_cache
 
-        norm = self.recipe.normalization
-        # The key covers everything that changes the teacher's outputs: its weights and the numerics it runs with.
-        teacher_key = f"{self.resolved.teacher_key}|{self.recipe.precision}|cl={self.recipe.channels_last}"
-        cache = TeacherCache.open(self.store.root / ".cache" / "teacher_outputs", teacher_key=teacher_key,
-                                  data_fingerprint=self.data.dataset.fingerprint,
-                                  normalization=(tuple(norm.mean), tuple(norm.std)),
-                                  num_images=self.data.train_size, num_classes=self.config["model"]["num_classes"],
-                                  dtype=self.recipe.pipeline_args.get("teacher_cache_dtype", "float16"))
-        return cached_teacher_fn(cache, self.resolved.teacher, self.device)
+        cache = open_teacher_cache(self.store.root, self.resolved.teacher_key, self.recipe, self.data.dataset,
+                                   self.config["model"]["num_classes"])
+        note = f"teacher logits from the exact teacher-output cache ({self.recipe.teacher_cache_dtype})"
+        return cached_teacher_fn(cache, self.resolved.teacher, self.device), note
+
+    def _cache_unused_reason(self, terms: dict[str, tuple[float, Any]]) -> Optional[str]:
+        if self.resolved.teacher is None:
+            return "the run has no teacher"
+        feature_terms = sorted(name for name, (_, term) in terms.items() if term.features)
+        if feature_terms:  # the cache holds logits only
+            return f"{', '.join(feature_terms)} read the teacher's features, so the teacher ran live"
+        if not any(term.needs_teacher for _, term in terms.values()):
+            return "no loss term reads the teacher's outputs"
+        if not self.data.views:
+            return f"pipeline {self.recipe.pipeline!r} has no discrete augmentation views; the teacher ran live"
+        return None
 
     # -- state -----------------------------------------------------------------------------------------------
     def _save_checkpoint(self, epoch: int, best: dict[str, Any], history: list[dict[str, Any]]) -> None:
@@ -373,7 +387,7 @@ class Trainer:
             sums, n_images = self._train_epoch(epoch, bar)
             train_seconds += time.perf_counter() - t0
             images_seen += n_images
-            scores = evaluate(self.forward_student, self.test_loader, self._autocast, sharded=self.test_sharded)
+            scores = evaluate(self.student, self.test_loader, self._autocast, sharded=self.test_sharded)
             means = {k: v / max(n_images, 1) for k, v in sums.items()}
             row = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
                    **{f"loss_{k}": v for k, v in means.items() if k != "entropy"},
@@ -396,7 +410,13 @@ class Trainer:
             "sync_batchnorm": self.par.distributed and self.options.bn == "sync"
                               and distributed.has_batchnorm(self.student),
             "data_fingerprint": self.data.fingerprint, "deviations": self.deviations,
+            "term_reports": self._term_reports(),
         }
+
+    def _term_reports(self) -> dict[str, Any]:
+        """What loss terms decided before training (SSTA's heads, their scores and rule), by term name."""
+        reports = {name: term.report() for name, term in self.distiller.terms.items()}
+        return {name: report for name, report in reports.items() if report is not None}
 
     def _train_epoch(self, epoch: int, bar: Any) -> tuple[dict[str, float], int]:
         """One epoch; returns the loss sums (weighted by images) and the images seen, over all ranks."""
@@ -501,6 +521,3 @@ def evaluate_model(model: nn.Module, recipe_dict: dict[str, Any], device: torch.
 def stamp(result: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {**result, **environment(device)}
 
-
-def is_finite_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -153,3 +153,73 @@ def test_selection_cache(tmp_path, model):
         model.vit.head.bias += 1.0
     with pytest.raises(ReproError, match="needs images"):  # other weights: recomputed, not read
         select_heads_cached(tmp_path, model, "importance", None, loss="ce", max_images=8)
+
+
+# -- Michel et al.: the mean over examples of |dL(x)/dmask|, not |d(batch-mean loss)/dmask| -------------------------
+def _planted_cancelling_model():
+    """Last block: heads 0 and 1 have the same context (v = 1 for every token, so the context is 1 whatever the
+    attention); head 0 alone writes output channel 0, head 1 alone channel 1, head 2 nothing."""
+    torch.manual_seed(0)
+    model = create_model("vit_smoke_tiny", num_classes=5)
+    attn = model.vit.blocks[-1].attn
+    width, dim = attn.num_heads * attn.head_dim, attn.head_dim
+    with torch.no_grad():
+        attn.qkv.weight[2 * width:] = 0  # v = bias = 1
+        attn.qkv.bias[2 * width:] = 1
+        attn.proj.weight.zero_()
+        attn.proj.bias.zero_()
+        attn.proj.weight[0, 0:dim] = 1  # head 0 -> channel 0
+        attn.proj.weight[1, dim:2 * dim] = 1  # head 1 -> channel 1
+    return model
+
+
+def _planted_loss():
+    """Per example: sign * channel 0 + 0.5 * channel 1 of the last attention's output, sign = +1/-1 by label. Each
+    example leans on head 0 twice as hard as on head 1, but in opposite directions for the two labels."""
+    def loss(model, images, labels):
+        captured = []
+        handle = model.vit.blocks[-1].attn.proj.register_forward_hook(lambda m, i, o: captured.append(o))
+        try:
+            model(images)
+        finally:
+            handle.remove()
+        out = captured[0].float().mean(dim=1)  # [B, C], mean over tokens
+        sign = 2.0 * labels.float() - 1.0
+        return (sign * out[:, 0] + 0.5 * out[:, 1]).mean()
+
+    return loss
+
+
+def _paired_batches():
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(3, 3, 32, 32, generator=generator)
+    return [(images.repeat_interleave(2, dim=0), torch.tensor([0, 1] * 3))]  # each image once with each label
+
+
+def test_per_example_importance_finds_the_head_that_batch_gradients_cancel():
+    model = _planted_cancelling_model()
+    per_example = gradient_head_importance(model, _paired_batches(), _planted_loss(), normalize=False)
+    whole_batch = gradient_head_importance(model, _paired_batches(), _planted_loss(), normalize=False,
+                                           importance_batch=None)
+    dim = model.vit.blocks[-1].attn.head_dim
+    assert per_example[-1].tolist() == pytest.approx([dim, dim / 2, 0.0])
+    assert whole_batch[-1].tolist() == pytest.approx([0.0, dim / 2, 0.0], abs=1e-4)
+    assert pick_heads(per_example) == [(3, 0)] and pick_heads(whole_batch) == [(3, 1)]
+    # chunks of two images hold one image with both labels: they cancel as the whole batch does
+    pairs = gradient_head_importance(model, _paired_batches(), _planted_loss(), normalize=False, importance_batch=2)
+    assert pick_heads(pairs) == [(3, 1)]
+    with pytest.raises(ReproError, match="importance_batch"):
+        gradient_head_importance(model, _paired_batches(), _planted_loss(), importance_batch=0)
+
+
+def test_importance_batch_is_in_the_cache_key_and_the_stored_config(tmp_path, model):
+    from repro.ssta.head_importance import selection_cache_path
+
+    key = "f" * 64
+    default = selection_cache_path(tmp_path, key, "importance", loss="ce")
+    assert default == selection_cache_path(tmp_path, key, "importance", loss="ce", importance_batch=1)
+    assert default != selection_cache_path(tmp_path, key, "importance", loss="ce", importance_batch=8)
+    _silence_heads(model, {3: 2})
+    select_heads_cached(tmp_path, model, "importance", _batches(), loss="ce", importance_batch=2)
+    (stored,) = [json.loads(p.read_text()) for p in tmp_path.glob("heads-importance-*.json")]
+    assert stored["config"]["importance_batch"] == 2 and stored["selection"]["config"]["importance_batch"] == 2

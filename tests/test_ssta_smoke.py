@@ -196,6 +196,12 @@ def test_label_free_ta_probe_and_its_errors(tmp_path, models):
     term = get_term("ssta_attn")(_ctx(student, teacher, ta, BatchSource()), beta=0.0, ta_importance_loss="probe",
                                  ta_probe={"checkpoint": str(probe_file), "n_last_blocks": 2})
     assert (term.choices["ta"].layer, term.choices["ta"].heads) == (3, [2])
+    # the default ("auto") prefers the published probe where one is given, and the label-free loss otherwise
+    auto = get_term("ssta_attn")(_ctx(student, teacher, ta, BatchSource()), beta=0.0,
+                                 ta_probe={"checkpoint": str(probe_file), "n_last_blocks": 2})
+    assert auto.choices["ta"].record["loss"] == "probe" and auto.choices["ta"].heads == [2]
+    plain = get_term("ssta_attn")(_ctx(student, teacher, ta, BatchSource()), beta=0.0)
+    assert plain.choices["ta"].record["loss"] == "feature"
     with pytest.raises(ReproError, match="expects 192 input features"):
         get_term("ssta_attn")(_ctx(student, teacher, ta, BatchSource()), beta=0.0, ta_importance_loss="probe",
                               ta_probe={"checkpoint": str(probe_file)})

@@ -8,8 +8,10 @@ Two recipes, registered in ``FOLDER_RECIPES``:
   ``create_transform`` with RandAugment ``rand-m9-mstd0.5-inc1``, color jitter 0.3, bicubic, random erasing 0.25
   (pixel mode); timm ``Mixup`` (mixup 0.8, cutmix 1.0, prob 1, switch 0.5, per batch, label smoothing 0.1) whose
   soft targets go to ``Batch.targets`` (hard labels stay in ``Batch.labels``); repeated augmentation with 3
-  repeats through timm's ``RepeatAugSampler`` (DeiT's RASampler; on one process each epoch then holds about
-  a third of the images, three augmented copies each, as DeiT on one GPU); eval = resize ``size / 0.875``
+  repeats through timm's ``RepeatAugSampler`` (DeiT's RASampler). DeiT samples with RASampler only when
+  distributed (``main.py``: ``if args.distributed: ... if args.repeated_aug``; one GPU uses a plain random
+  sampler); we use it on any process count, which matches DeiT's multi-GPU runs (its README trains on 4+ GPUs):
+  each epoch then holds about a third of the distinct images, three augmented copies each; eval = resize ``size / 0.875``
   bicubic + center crop. At 32 pixels and below DeiT swaps the crop for ``RandomCrop(size, padding=4)`` and evaluates
   without resizing; we do the same (after resizing the shorter side to ``size``, the identity on 32-px
   images), so the smoke tier runs DeiT's recipe at 32 px.
@@ -153,6 +155,10 @@ def deit(image_size: int, **options: Any) -> FolderRecipe:
     return FolderRecipe(train, evaluation, mixup, float(opts["smoothing"]), int(opts["repeated_aug"]), opts)
 
 
+# Each recipe's options (what ``pipeline_args`` may override), for the load-time check of spec names.
+FOLDER_RECIPE_OPTIONS: dict[str, dict[str, Any]] = {"imagenet_standard": _STANDARD_DEFAULTS, "deit": _DEIT_DEFAULTS}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # samplers and loaders
 
@@ -268,12 +274,13 @@ def folder_fingerprint(name: str, image_size: int, options: dict[str, Any], root
 
 
 def build_folder_pipeline(name: str, root: str | os.PathLike, image_size: int, batch_size: int, seed: int,
-                          device: torch.device | str, workers: int = 0, **aug: Any,
-                          ) -> tuple[FolderLoader, FolderLoader, Tensor, int, str]:
+                          device: torch.device | str, workers: int = 0, eval_batch_size: Optional[int] = None,
+                          **aug: Any) -> tuple[FolderLoader, FolderLoader, Tensor, int, str]:
     """``(train_iterable, test_iterable, train_labels, num_classes, fingerprint)`` for an ImageNet-style folder.
 
     ``name`` is a ``FOLDER_RECIPES`` entry; ``aug`` overrides that recipe's options (unknown ones are an error).
-    The test iterable reads ``val`` in order, without mixing. ``train_labels`` are the hard labels in dataset
+    The test iterable reads ``val`` in order, without mixing, in batches of ``eval_batch_size`` (default: the
+    training batch size). ``train_labels`` are the hard labels in dataset
     index order; ``fingerprint`` identifies the split listings and the recipe.
     """
     recipe = FOLDER_RECIPES.get(name)(image_size, **aug)
@@ -292,8 +299,8 @@ def build_folder_pipeline(name: str, root: str | os.PathLike, image_size: int, b
     device = torch.device(device)
     train = FolderLoader(train_set, batch_size, sampler, workers, device, seed, True, num_classes,
                          recipe.mixup, recipe.smoothing)
-    test = FolderLoader(val_set, batch_size, torch.utils.data.SequentialSampler(val_set), workers, device, seed,
-                        False, num_classes)
+    test = FolderLoader(val_set, eval_batch_size or batch_size, torch.utils.data.SequentialSampler(val_set), workers,
+                        device, seed, False, num_classes)
     train.set_epoch(1)
     test.set_epoch(1)
     labels = torch.tensor(train_set.targets, dtype=torch.long)

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset, SequentialSampler
 
 from repro.data import ImageTensorDataset, load_dataset
 from repro.data.pipelines_folder import (
+    FOLDER_RECIPE_OPTIONS,
     FOLDER_RECIPES,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -33,7 +34,7 @@ from repro.data.pipelines_folder import (
     _SeededRepeatAugSampler,
 )
 from repro.errors import ReproError
-from repro.pipelines import PIPELINES, DataBundle, data_root
+from repro.pipelines import PIPELINE_ARGS, PIPELINES, DataBundle, data_root
 from repro.spec import Recipe
 
 DEFAULT_IMAGE_SIZE = 224
@@ -125,3 +126,5 @@ PIPELINE_NAME = "cifar_transfer"
 # Registered on import (idempotent: the registry accepts the same object twice); importing this module from
 # repro.pipelines makes the name available to every recipe.
 PIPELINES.register(PIPELINE_NAME)(build_transfer_pipeline)
+PIPELINE_ARGS[PIPELINE_NAME] = lambda args: ["image_size", "workers", "augmentation",
+                                             *FOLDER_RECIPE_OPTIONS.get(str(args.get("augmentation", "deit")), {})]

@@ -881,8 +881,6 @@ def run_figures(args: argparse.Namespace) -> int:
     run_first = args.run_first if args.run_first is not None else args.tier == "smoke"
     ctx = FigureContext(args, args.tier, _store(args.runs), _device(args.device), Path(args.figures),
                         figure_stamp(args.tier), run_first)
-    if run_first:
-        _make_transfer_pipeline_available()
     started = time.perf_counter()
     written = []
     for step in steps:
@@ -895,7 +893,3 @@ def run_figures(args: argparse.Namespace) -> int:
     print(f"figures [{args.tier}]: {len(written)} written in {time.perf_counter() - started:.0f} s")
     return 0
 
-
-def _make_transfer_pipeline_available() -> None:
-    # The transfer spec's pipeline registers itself when its module is imported.
-    import repro.data.pipelines_transfer  # noqa: F401

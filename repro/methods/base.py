@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from repro.domains import Domain
 from repro.errors import ReproError
 from repro.registry import Registry
 
@@ -68,10 +69,20 @@ class LossTerm(nn.Module):
 
     ``forward`` returns the *unweighted* batch loss (a scalar); the distiller applies the spec's weight.
     Trainable parameters of a term (e.g. CRD's embedding heads) are optimised with the student.
+    ``domains`` declares the values each constructor parameter may take; ``repro.spec`` checks every cell's
+    parameters (given or default) against them when the spec loads.
     """
 
-    needs_teacher: ClassVar[bool] = True
+    needs_teacher: ClassVar[bool] = True  # the Distiller runs the teacher and hands its outputs to the term
+    # Whether the run needs a teacher model at all (None: as needs_teacher). A term that runs the teacher itself
+    # (SSTA's attention term) needs the model without asking the Distiller for its outputs.
+    needs_teacher_model: ClassVar[Optional[bool]] = None
     features: ClassVar[Optional[str]] = None  # None, "feat" (post-activation) or "preact"
+    domains: ClassVar[dict[str, Domain]] = {}
+
+    @classmethod
+    def requires_teacher_model(cls) -> bool:
+        return cls.needs_teacher if cls.needs_teacher_model is None else cls.needs_teacher_model
 
     def __init__(self, ctx: TermContext, **params: Any) -> None:
         super().__init__()
@@ -81,6 +92,10 @@ class LossTerm(nn.Module):
     def active(self, epoch: int) -> bool:
         """Whether the term contributes at this (1-based) epoch; SSTA's early stop overrides it."""
         return True
+
+    def report(self) -> Optional[dict[str, Any]]:
+        """What the term decided before training (e.g. SSTA's chosen heads), for the run's result.json."""
+        return None
 
     def forward(self, out: Outputs, batch: Batch) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -4,12 +4,14 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from repro.domains import PROBABILITY
 from repro.methods.base import LOSS_TERMS, Batch, LossTerm, Outputs, TermContext
 
 
 @LOSS_TERMS.register("ce")
 class CrossEntropy(LossTerm):
     needs_teacher = False
+    domains = {"label_smoothing": PROBABILITY}
 
     def __init__(self, ctx: TermContext, label_smoothing: float = 0.0) -> None:
         super().__init__(ctx)

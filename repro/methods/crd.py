@@ -10,6 +10,7 @@ from torch import Tensor
 
 from repro.errors import ReproError
 from repro.losses.crd import CONTRAST_MODES, ContrastMemory, EmbedHead, nce_contrast_loss, sample_contrast_indices
+from repro.domains import POSITIVE, POSITIVE_INT, PROBABILITY, one_of
 from repro.methods.base import LOSS_TERMS, Batch, LossTerm, Outputs, TermContext
 
 
@@ -23,6 +24,8 @@ def last_feature_dims(ctx: TermContext, term: str) -> tuple[int, int]:
 @LOSS_TERMS.register("crd")
 class CRD(LossTerm):
     features = "feat"
+    domains = {"feat_dim": POSITIVE_INT, "k": POSITIVE_INT, "nce_t": POSITIVE, "nce_m": PROBABILITY,
+               "mode": one_of(*CONTRAST_MODES)}
 
     # Defaults: RepDistiller train_student.py / TTM repo CLI (--feat_dim 128, --nce_k 16384, --nce_t 0.07,
     # --nce_m 0.5, --mode exact), i.e. the CRD paper's CIFAR-100 setting. Its weight (0.8 in the WTTM tables)

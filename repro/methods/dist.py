@@ -4,11 +4,14 @@ from __future__ import annotations
 from torch import Tensor
 
 from repro.losses.dist import dist_loss
+from repro.domains import NONNEGATIVE, POSITIVE
 from repro.methods.base import LOSS_TERMS, Batch, LossTerm, Outputs, TermContext
 
 
 @LOSS_TERMS.register("dist")
 class DIST(LossTerm):
+    domains = {"beta": NONNEGATIVE, "gamma": NONNEGATIVE, "tau": POSITIVE}
+
     # Defaults are the TTM repo's CLI defaults (train_student.py: --dist_beta 1, --dist_gamma 1, --dist_tau 4);
     # the term's own weight (the repo's -b) and the CE weight (-r) come from the spec.
     def __init__(self, ctx: TermContext, beta: float = 1.0, gamma: float = 1.0, tau: float = 4.0) -> None:

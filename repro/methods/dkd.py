@@ -5,11 +5,14 @@ from torch import Tensor
 
 from repro.errors import ReproError
 from repro.losses.dkd import dkd_loss
+from repro.domains import EPOCHS, NONNEGATIVE, POSITIVE
 from repro.methods.base import LOSS_TERMS, Batch, LossTerm, Outputs, TermContext
 
 
 @LOSS_TERMS.register("dkd")
 class DKD(LossTerm):
+    domains = {"alpha": NONNEGATIVE, "beta": NONNEGATIVE, "temperature": POSITIVE, "warmup": EPOCHS}
+
     # Defaults: mdistiller/engine/cfg.py (CFG.DKD: ALPHA 1, BETA 8, T 4, WARMUP 20, CE_WEIGHT 1). Some CIFAR
     # pairs override beta to 6 (e.g. configs/cifar100/dkd/wrn40_2_wrn_16_2.yaml); the spec sets it per cell.
     # The CE weight 1 is the spec's separate `ce` term, not part of this one.

@@ -7,6 +7,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from repro.losses.itrd import itrd_correlation_loss, itrd_mutual_loss
+from repro.domains import FINITE, POSITIVE
 from repro.methods.base import LOSS_TERMS, Batch, LossTerm, Outputs, TermContext
 from repro.methods.crd import last_feature_dims
 
@@ -14,6 +15,7 @@ from repro.methods.crd import last_feature_dims
 @LOSS_TERMS.register("itrd")
 class ITRD(LossTerm):
     features = "preact"
+    domains = {"lambda_corr": FINITE, "lambda_mutual": FINITE, "alpha_it": POSITIVE}
 
     # Defaults: the TTM repo's CLI (train_student.py: --lambda_corr 2.0, --lambda_mutual 1.0, --alpha_it 1.5).
     # WTTM paper A.5 uses alpha_it 1.01 for same-architecture pairs and lambda_mutual 0 for three pairs; those

@@ -4,11 +4,14 @@ from __future__ import annotations
 from torch import Tensor
 
 from repro.losses import kd_loss
+from repro.domains import POSITIVE
 from repro.methods.base import LOSS_TERMS, Batch, LossTerm, Outputs, TermContext
 
 
 @LOSS_TERMS.register("kd")
 class KD(LossTerm):
+    domains = {"temperature": POSITIVE}
+
     def __init__(self, ctx: TermContext, temperature: float = 4.0) -> None:
         super().__init__(ctx)
         self.temperature = float(temperature)

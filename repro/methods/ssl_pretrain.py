@@ -21,6 +21,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from repro.errors import ReproError
+from repro.domains import BOOLEAN, OPEN_UNIT
 from repro.methods.base import LOSS_TERMS, Batch, LossTerm, Outputs, TermContext
 from repro.ssta.attention import unwrap_vit
 
@@ -45,6 +46,7 @@ def random_patch_mask(batch: int, patches: int, ratio: float, device: torch.devi
 @LOSS_TERMS.register("masked_recon")
 class MaskedPatchReconstruction(LossTerm):
     needs_teacher = False
+    domains = {"mask_ratio": OPEN_UNIT, "norm_pix": BOOLEAN}
 
     def __init__(self, ctx: TermContext, mask_ratio: float = 0.75, norm_pix: bool = True) -> None:
         super().__init__(ctx)

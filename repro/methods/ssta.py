@@ -9,15 +9,18 @@ teacher, ``A_TA`` one head of the self-supervised teaching assistant and ``A_S``
   by ``head_rule`` (any ``repro.ssta.head_importance.SELECTION_RULES`` entry: ``importance`` (default, Michel
   et al. 2019), ``entropy``, ``fixed``, ``all``, ``random``; extra rule options in ``head_options``) over
   ``head_batches`` training batches (``ctx.sample_batches``: the run's own augmented, mixed batches, whose soft
-  targets the cross-entropy importance uses). The importance loss is a recorded choice per model:
-  ``teacher_importance_loss`` (``ce`` through the teacher's classifier, default) and ``ta_importance_loss``
-  (``feature``, default: a label-free TA has no classifier; or ``probe``, a published linear probe given as
-  ``ta_probe: {checkpoint: <file>, n_last_blocks: 4, avgpool: false}``, DINO's ``eval_linear.py`` layout).
-  The selection is cached in ``ctx.cache_dir`` (``heads-<rule>-<key>.json``), keyed by the model's weights,
-  the first sampled batch (so the dataset and the run's seed) and the rule's options; the global RNGs are
-  restored afterwards, so training is the same whether the selection was computed or read. Under
-  torch.distributed rank 0 chooses and broadcasts, so every rank distils the same heads. The chosen heads are
-  logged and returned by ``report()``;
+  targets the cross-entropy importance uses). Importance is Michel et al.'s mean over examples of
+  ``|dL(x)/dmask|``: each gradient is taken over ``importance_batch`` images (default 1, per example, so that
+  examples pulling a head in opposite directions do not cancel). The importance loss is a recorded choice per
+  model: ``teacher_importance_loss`` (``ce`` through the teacher's classifier, default) and ``ta_importance_loss``
+  (``auto``, default: ``probe`` when a published linear probe is given as ``ta_probe: {checkpoint: <file>,
+  n_last_blocks: 4, avgpool: false}``, DINO's ``eval_linear.py`` layout, else ``feature``: a label-free TA has
+  no classifier). The selection is cached in ``ctx.cache_dir`` (``heads-<rule>-<key>.json``), keyed by the
+  model's weights, the first sampled batch (so the dataset and the run's seed) and the rule's options
+  (``importance_batch`` included); the global RNGs are restored afterwards, so training is the same whether the
+  selection was computed or read. Under torch.distributed rank 0 chooses and broadcasts, so every rank distils
+  the same heads. The chosen heads, their scores and the rule are logged and returned by ``report()``, which the
+  training loop writes into the run's result.json (``term_reports``);
 * student mapping: ``split`` (student head ``student_heads[0]`` <-> teacher, ``student_heads[1]`` <-> TA),
   ``relation`` (one MiniLMv2-style map from the concatenated q/k of all heads) or ``mean`` (mean head map);
 * KL over keys, averaged over query rows and batch, teacher as target, float32; optional temperature on the
@@ -56,10 +59,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from repro.domains import (BOOLEAN, NONNEGATIVE, POSITIVE, POSITIVE_EPOCHS, POSITIVE_INT, one_of, optional,
+                            or_values)
 from repro.errors import ReproError
 from repro.methods.base import LOSS_TERMS, Batch, LossTerm, Outputs, TermContext
 from repro.ssta.attention import AttentionCapture, attention_kl
 from repro.ssta.head_importance import (
+    SELECTION_RULES,
     HeadSelection,
     load_linear_probe,
     model_fingerprint,
@@ -146,16 +152,22 @@ def _tensor_digest(*tensors: Tensor) -> str:
 class HeadChooser:
     """Resolves ``auto`` heads of the teacher and TA from a few training batches of the run (ssta.md 2.3.1)."""
 
-    def __init__(self, ctx: TermContext, rule: str, batches: int, options: Optional[dict[str, Any]]) -> None:
-        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
-            raise ReproError(f"ssta_attn: head_batches must be a positive integer, got {batches!r}")
-        reserved = {"scope", "layer", "loss", "probe", "max_images", "sample_batches"} & set(options or {})
+    def __init__(self, ctx: TermContext, rule: str, batches: int, options: Optional[dict[str, Any]],
+                 importance_batch: int = 1) -> None:
+        for name, value in (("head_batches", batches), ("importance_batch", importance_batch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ReproError(f"ssta_attn: {name} must be a positive integer, got {value!r}")
+        reserved = {"scope", "layer", "loss", "probe", "max_images", "sample_batches",
+                    "importance_batch"} & set(options or {})
         if reserved:
             raise ReproError(f"ssta_attn: head_options may not set {sorted(reserved)}; they are term parameters")
         self.ctx = ctx
         self.rule = rule
         self.batches = batches
         self.options = dict(options or {})
+        if rule == "importance":
+            # Images per importance gradient: a recorded choice, part of the selection's cache key and report.
+            self.options["importance_batch"] = importance_batch
         self._labels_digest: Optional[str] = None
 
     def choose(self, role: str, model: nn.Module, layer: Union[int, str], head: HeadSpec, loss: str,
@@ -184,6 +196,8 @@ class HeadChooser:
                                  f"a given layer)")
             heads = _heads_list(head, f"{role}_head")
             return HeadChoice(_index(layer, f"{role}_layer"), heads, {"rule": "given", "heads": heads})
+        if loss == AUTO:  # a published linear probe where one is given (DINO's), else the label-free loss
+            loss = "probe" if probe is not None else "feature"
         if loss not in IMPORTANCE_LOSSES[role]:
             raise ReproError(f"ssta_attn: {role}_importance_loss must be one of {', '.join(IMPORTANCE_LOSSES[role])}, "
                              f"got {loss!r}")
@@ -278,13 +292,21 @@ class _AttentionTarget:
 @LOSS_TERMS.register("ssta_attn")
 class SSTAAttention(LossTerm):
     needs_teacher = False  # runs teacher and TA itself (see module docstring)
+    needs_teacher_model = True  # ... so the run still needs its teacher
+    domains = {"beta": NONNEGATIVE, "lam": NONNEGATIVE, "mapping": one_of(*STUDENT_MAPPINGS),
+               "head_rule": one_of(*SELECTION_RULES.names()), "head_batches": POSITIVE_INT,
+               "importance_batch": POSITIVE_INT, "teacher_importance_loss": one_of(*IMPORTANCE_LOSSES["teacher"]),
+               "ta_importance_loss": one_of(AUTO, *IMPORTANCE_LOSSES["ta"]), "temperature": POSITIVE,
+               "stop_epoch": optional(POSITIVE_EPOCHS), "ta_stop_epoch": or_values(optional(POSITIVE_EPOCHS), "same"),
+               "stop_epoch_of": optional(POSITIVE_INT), "drop_dist_token": BOOLEAN}
 
     def __init__(self, ctx: TermContext, beta: float = 1.0, lam: float = 1.0, student_layer: int = -1,
                  student_heads: Sequence[int] = (0, 1), mapping: str = "split",
                  teacher_layer: Union[int, str] = -1, teacher_head: HeadSpec = AUTO,
                  ta_layer: Union[int, str] = -1, ta_head: HeadSpec = AUTO,
                  head_rule: str = "importance", head_batches: int = 4, head_options: Optional[dict[str, Any]] = None,
-                 teacher_importance_loss: str = "ce", ta_importance_loss: str = "feature",
+                 importance_batch: int = 1,
+                 teacher_importance_loss: str = "ce", ta_importance_loss: str = AUTO,
                  teacher_probe: Optional[dict[str, Any]] = None, ta_probe: Optional[dict[str, Any]] = None,
                  temperature: float = 1.0, stop_epoch: Optional[int] = None,
                  ta_stop_epoch: Optional[int | str] = "same", stop_epoch_of: Optional[int] = None,
@@ -308,7 +330,7 @@ class SSTAAttention(LossTerm):
                              f"the TA], got {student_heads}")
         self.mapping = mapping
         models = {name: _frozen_model(ctx, source) for _, name, _, source, *_ in roles}  # missing models fail first
-        chooser = HeadChooser(ctx, head_rule, head_batches, head_options)
+        chooser = HeadChooser(ctx, head_rule, head_batches, head_options, importance_batch)
         self.choices: dict[str, HeadChoice] = {}
         # Plain attributes (not submodules): the frozen models must stay out of the optimiser and state dict.
         self._targets: list[_AttentionTarget] = []
@@ -348,10 +370,6 @@ class SSTAAttention(LossTerm):
                 loss = loss + target.weight * attention_kl(target.log_maps(batch.images), student_maps[:, slot])
         return loss
 
-    def remove_hooks(self) -> None:
-        for capture in [self._student_capture] + [t.capture for t in self._targets]:
-            capture.remove()
-
 
 class _DistTokenTerm(LossTerm):
     """Reads the student's dist-head logits through a forward hook on ``vit.head_dist`` (training only)."""
@@ -385,6 +403,8 @@ class DeiTHardDistillation(_DistTokenTerm):
 
 @LOSS_TERMS.register("deit_soft")
 class DeiTSoftDistillation(_DistTokenTerm):
+    domains = {"temperature": POSITIVE}
+
     def __init__(self, ctx: TermContext, temperature: float = 1.0) -> None:
         super().__init__(ctx)
         self.temperature = float(temperature)

@@ -4,11 +4,14 @@ from __future__ import annotations
 from torch import Tensor
 
 from repro.losses import ttm_loss
+from repro.domains import POSITIVE
 from repro.methods.base import LOSS_TERMS, Batch, LossTerm, Outputs, TermContext
 
 
 @LOSS_TERMS.register("ttm")
 class TTM(LossTerm):
+    domains = {"gamma": POSITIVE}  # gamma = 1/T of the power transform
+
     def __init__(self, ctx: TermContext, gamma: float) -> None:
         super().__init__(ctx)
         self.gamma = float(gamma)

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from repro.errors import ReproError
 from repro.losses import wttm_loss, wttm_weight
+from repro.domains import BOOLEAN, POSITIVE, POSITIVE_INT, optional
 from repro.methods.base import LOSS_TERMS, Batch, LossTerm, Outputs, TermContext
 
 
@@ -40,6 +41,8 @@ def mean_teacher_weight(ctx: TermContext, gamma: float, max_batches: Optional[in
 
 @LOSS_TERMS.register("wttm")
 class WTTM(LossTerm):
+    domains = {"gamma": POSITIVE, "weight_by_mean_u": BOOLEAN, "mean_u_batches": optional(POSITIVE_INT)}
+
     def __init__(self, ctx: TermContext, gamma: float, weight_by_mean_u: bool = False,
                  mean_u_batches: Optional[int] = None) -> None:
         super().__init__(ctx)

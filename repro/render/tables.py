@@ -80,6 +80,11 @@ def _provenance_marks(r: CellResult, notes: Footnotes) -> str:
     return " ".join(marks)
 
 
+def _metric_text(r: CellResult) -> str:
+    """The protocol (best/last epoch), with the measure when it is not top-1 (e.g. "last top5")."""
+    return r.metric if r.reported.metric == "top1" else f"{r.metric} {r.reported.metric}"
+
+
 def _pair(r: CellResult) -> str:
     return f"{r.cell.teacher} → {r.cell.student}" if r.cell.teacher else r.cell.student
 
@@ -90,7 +95,7 @@ def section_markdown(spec: Spec, tier: str, results: list[CellResult]) -> str:
     for r in results:
         rows.append([
             _pair(r), r.cell.method + (" " + _provenance_marks(r, notes) if _provenance_marks(r, notes) else ""),
-            _reported_text(r, notes), _reproduced_text(r), r.metric,
+            _reported_text(r, notes), _reproduced_text(r), _metric_text(r),
             "–" if r.delta is None else f"{r.delta:+.2f}", r.verdict,
             " ".join(rid[:8] for rid in r.run_ids) or "–",
         ])
@@ -178,7 +183,7 @@ def csv_rows(results: list[CellResult]) -> list[dict[str, Any]]:
             "method": r.cell.method, "reported_mean": rep.mean, "reported_std": rep.std, "reported_n": rep.n,
             "reported_protocol": rep.protocol, "reported_status": rep.status, "reported_source": rep.source,
             "confidence": rep.confidence, "reproduced_mean": r.mean, "reproduced_std": r.std, "n_seeds": r.n,
-            "metric": r.metric, "best_top1_mean": r.best_mean, "last_top1_mean": r.last_mean, "delta": r.delta,
+            "metric": _metric_text(r), "best_top1_mean": r.best_mean, "last_top1_mean": r.last_mean, "delta": r.delta,
             "tolerance": r.tolerance, "tier": r.tier, "verdict": r.verdict, "run_ids": " ".join(r.run_ids),
         })
     return rows

@@ -1,9 +1,11 @@
 """Which teacher/TA head to distil: SSTA picks "the most important head" of each model (ssta.md 2.3.1).
 
 Default rule [INFERRED]: Michel et al. 2019 gradient importance. A head mask xi (ones, requires_grad, [L, H])
-multiplies each head's context vector just before the block's output projection; over N images we accumulate
-``I[l, h] = |dL/dxi[l, h]|`` batch by batch, then L2-normalise each layer (HF's bertology example) and take the
-argmax of the last layer (options: over all layers, or one head per layer).
+multiplies each head's context vector just before the block's output projection; Michel et al. define the
+importance as the mean over examples of ``|dL(x)/dxi[l, h]|``, so we take one gradient per ``importance_batch``
+images (default 1: per example; a whole 1,024-image batch would let per-example gradients of opposite sign
+cancel), average their absolute values over the N images, then L2-normalise each layer (HF's bertology example)
+and take the argmax of the last layer (options: over all layers, or one head per layer).
 
 The loss L [open choice, recorded in the cache key]:
 * ``ce``: cross-entropy through the model's own classifier (a supervised teacher);
@@ -294,14 +296,27 @@ def _frozen_eval(model: nn.Module) -> Iterator[None]:
 
 
 def gradient_head_importance(model: nn.Module, batches: Iterable[Any], loss: ImportanceLoss,
-                             max_images: Optional[int] = None, normalize: bool = True) -> Tensor:
-    """``I[l, h] = sum_batches |dL/dxi[l, h]|``, L2-normalised per layer when ``normalize`` -> [L, H]."""
+                             max_images: Optional[int] = None, normalize: bool = True,
+                             importance_batch: Optional[int] = 1) -> Tensor:
+    """``I[l, h] = mean over images of |dL/dxi[l, h]|`` -> [L, H], L2-normalised per layer when ``normalize``.
+
+    Each gradient is that of the mean loss over ``importance_batch`` consecutive images (1: per example, Michel
+    et al.'s definition; None: each incoming batch whole), weighted by its image count."""
+    if importance_batch is not None and (isinstance(importance_batch, bool) or int(importance_batch) < 1):
+        raise ReproError(f"importance_batch must be a positive integer or None, got {importance_batch!r}")
     device = _device_of(model)
     with _frozen_eval(model), head_mask(model) as mask:
         importance = torch.zeros_like(mask, dtype=torch.float32)
+        count = 0
         for images, labels in _iter_limited(batches, max_images, device):
-            (grad,) = torch.autograd.grad(loss(model, images, labels), mask)
-            importance += grad.abs().float()
+            step = images.shape[0] if importance_batch is None else int(importance_batch)
+            for start in range(0, images.shape[0], step):
+                chunk = images[start:start + step]
+                chunk_labels = None if labels is None else labels[start:start + step]
+                (grad,) = torch.autograd.grad(loss(model, chunk, chunk_labels), mask)
+                importance += grad.abs().float() * chunk.shape[0]
+                count += chunk.shape[0]
+        importance = importance / max(count, 1)
     if normalize:
         importance = importance / importance.norm(dim=1, keepdim=True).clamp_min(1e-20)
     return importance.detach()
@@ -379,10 +394,11 @@ def _importance_loss(loss: str, probe: Optional[nn.Module]) -> ImportanceLoss:
 @SELECTION_RULES.register("importance")
 def _rule_importance(model: nn.Module, batches: Optional[Iterable[Any]], scope: str = "last", loss: str = "ce",
                      probe: Optional[nn.Module] = None, max_images: Optional[int] = 2000, layer: int = -1,
-                     **_: Any) -> HeadSelection:
+                     importance_batch: Optional[int] = 1, **_: Any) -> HeadSelection:
     if batches is None:
         raise ReproError("head-selection rule 'importance' needs images")
-    scores = gradient_head_importance(model, batches, _importance_loss(loss, probe), max_images)
+    scores = gradient_head_importance(model, batches, _importance_loss(loss, probe), max_images,
+                                      importance_batch=importance_batch)
     return HeadSelection("importance", pick_heads(scores, scope, layer=layer), _scores_list(scores))
 
 
@@ -426,7 +442,7 @@ def _rule_random(model: nn.Module, batches: Optional[Iterable[Any]], layer: int 
 def select_heads(model: nn.Module, rule: str = "importance", batches: Optional[Iterable[Any]] = None,
                  **options: Any) -> HeadSelection:
     """Run one rule. Options: ``scope`` (last/layer/global/per_layer), ``loss`` (ce/probe/feature), ``probe``,
-    ``max_images`` (importance, entropy), ``prefer`` (entropy: low/high), ``layer`` (scope ``layer``; fixed,
+    ``importance_batch`` (importance: images per gradient, default 1), ``max_images`` (importance, entropy), ``prefer`` (entropy: low/high), ``layer`` (scope ``layer``; fixed,
     all, random), ``head`` (fixed), ``seed`` (random)."""
     selection = SELECTION_RULES.get(rule)(model, batches, **options)
     selection.config = {"rule": rule, **{k: v for k, v in options.items() if k != "probe"}}
@@ -460,6 +476,8 @@ def _cache_key(fingerprint: str, config: dict[str, Any]) -> str:
 
 def _cache_config(rule: str, options: dict[str, Any]) -> dict[str, Any]:
     config = {"rule": rule, **{k: v for k, v in options.items() if k != "probe"}}
+    if rule == "importance":  # always in the key: selections from batch-level gradients must not be reused
+        config.setdefault("importance_batch", 1)
     if options.get("probe") is not None:
         config["probe"] = model_fingerprint(options["probe"])
     return config
