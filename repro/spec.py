@@ -43,6 +43,7 @@ class Reported(Strict):
     confidence: str = "high"
     status: Literal["reported", "not_transcribed", "not_available"] = "reported"
     metric: str = "top1"
+    note: str = ""  # a ledger fact about this value (e.g. what the source repository prints): a table footnote
 
 
 class DataConfig(Strict):
@@ -184,7 +185,10 @@ class Spec(Strict):
     tiers: dict[Tier, dict[str, Any]] = {}
     tier_notes: dict[Tier, str] = {}
     seeds: PositiveInt = 1  # default seeds per cell at the full tier (the paper's run count)
-    tier_seeds: dict[Tier, PositiveInt] = {}
+    tier_seeds: dict[Tier, PositiveInt] = {}  # a tier's seed count overrides the spec's and the cells'
+    # Per-tier loss-term parameters, {tier: {term: {param: value}}}, applied to every cell whose method has the
+    # term (after the cell's own params): e.g. a warm-up in epochs scaled like the tier's milestones.
+    tier_params: dict[Tier, dict[str, dict[str, Any]]] = {}
     models: dict[str, ModelDef] = {}
     # Per-tier architecture substitutes, e.g. {smoke: {deit_tiny_patch16_224: vit_smoke_tiny}}: the smoke tier
     # of a ViT paper runs tiny ViTs through the same code path; the substitution is stamped on the table.
@@ -218,6 +222,11 @@ class Spec(Strict):
 
     def seeds_for(self, tier: str) -> int:
         return self.tier_seeds.get(tier, self.seeds)
+
+    def seeds_for_cell(self, cell: Cell, tier: str) -> int:
+        """The tier's seed count if it sets one, else the cell's (a paper cell run a different number of
+        times than its table), else the spec's."""
+        return self.tier_seeds.get(tier) or cell.seeds or self.seeds
 
     def model_def(self, key: str) -> ModelDef:
         return self.models.get(key, ModelDef())
@@ -300,8 +309,9 @@ def check_loss_terms(spec: Spec) -> None:
         method = spec.methods[cell.method]
         if method.reported_only is not None or method.role == "teacher":
             continue
-        for name, params in resolve_losses(method, cell).items():
-            where = f"spec {spec.id}: cells[{i}] ({cell.method}, {cell.student}): loss term {name!r}"
+        for tier, name, params in ((t, n, p) for t in TIERS
+                                   for n, p in resolve_losses(method, cell, spec.tier_params.get(t)).items()):
+            where = f"spec {spec.id}: cells[{i}] ({cell.method}, {cell.student}) [{tier}]: loss term {name!r}"
             signature = inspect.signature(get_term(name).__init__)
             accepted = [p for p in list(signature.parameters.values())[2:]]  # after self, ctx
             if any(p.kind is p.VAR_KEYWORD for p in accepted):
@@ -314,6 +324,9 @@ def check_loss_terms(spec: Spec) -> None:
             missing = sorted(p.name for p in accepted if p.default is p.empty and p.name not in given)
             if missing:
                 raise ReproError(f"{where}: missing parameter(s) {missing}")
+    for tier, terms in spec.tier_params.items():
+        for name in terms:
+            get_term(name)  # an unknown term name is an error naming the known ones
     for key, mdef in spec.models.items():
         if mdef.pretrain and mdef.pretrain not in spec.methods:
             raise ReproError(f"spec {spec.id}: model {key!r} names unknown pretrain method {mdef.pretrain!r}")

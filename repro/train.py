@@ -211,7 +211,9 @@ class Trainer:
         self.lr = self._learning_rate()
         self.optimizer = OPTIMIZERS.get(recipe.optimizer.name)([student, self.distiller.terms], recipe.optimizer,
                                                                self.lr)
-        self.scheduler = SCHEDULES.get(recipe.schedule.name)(self.optimizer, recipe.schedule, recipe.epochs)
+        self.steps_per_epoch = len(self.train_loader)  # optimizer steps (one per global batch)
+        self.scheduler = SCHEDULES.get(recipe.schedule.name)(self.optimizer, recipe.schedule, recipe.epochs,
+                                                             self.steps_per_epoch)
         self.forward_student = torch.compile(student) if recipe.compile else student
         self.deviations += self._scale_deviations()
 
@@ -352,6 +354,7 @@ class Trainer:
             "sync_batchnorm": self.par.distributed and self.options.bn == "sync"
                               and distributed.has_batchnorm(self.student),
             "data_fingerprint": self.data.fingerprint, "deviations": self.deviations,
+            "loss_terms": {name: rec for name, term in self.distiller.terms.items() if (rec := term.record())},
         }
 
     def _train_epoch(self, epoch: int, bar: Any) -> tuple[dict[str, float], int]:
@@ -362,6 +365,7 @@ class Trainer:
         n_images = 0
         for step, batch in enumerate(self.train_loader):
             batch.epoch = epoch
+            self.scheduler.step_update((epoch - 1) * self.steps_per_epoch + step)  # per-step schedules only
             self.optimizer.zero_grad(set_to_none=True)
             global_count = self._global_count(batch, step)
             micro_batches = distributed.split_batch(batch, self.mapping.grad_accum_steps)

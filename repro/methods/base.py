@@ -82,6 +82,11 @@ class LossTerm(nn.Module):
         """Whether the term contributes at this (1-based) epoch; SSTA's early stop overrides it."""
         return True
 
+    def record(self) -> dict[str, Any]:
+        """Values the term derived at construction that a reader of the run must see (written into
+        ``result.json`` under ``loss_terms``); empty for most terms."""
+        return {}
+
     def forward(self, out: Outputs, batch: Batch) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
