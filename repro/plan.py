@@ -81,8 +81,8 @@ class Planner:
             return CellRuns(cell, method, [])
         if method.role == "teacher":
             return CellRuns(cell, method, [self._teacher_run(cell.teacher)])
-        n_seeds = self.seeds_override or cell.seeds or self.spec.seeds_for(self.tier)
-        losses = resolve_losses(method, cell)
+        n_seeds = self.seeds_override or self.spec.seeds_for_cell(cell, self.tier)
+        losses = resolve_losses(method, cell, self.spec.tier_params.get(self.tier))
         teacher_id = self._teacher_run(cell.teacher) if method.needs_teacher() else None
         assistants = {"ta": self._assistant_run(cell.assistant)} if cell.assistant else {}
         init_id = self._pretrain_run(cell.student)
@@ -193,7 +193,8 @@ class Planner:
         if mdef.pretrain not in self.spec.methods:
             raise ReproError(f"spec {self.spec.id}: model {key!r} names unknown pretrain method {mdef.pretrain!r}")
         method = self.spec.methods[mdef.pretrain]
-        config = self._train_config(key, resolve_losses(method, None), 0, None, {}, method)
+        losses = resolve_losses(method, None, self.spec.tier_params.get(self.tier))
+        config = self._train_config(key, losses, 0, None, {}, method)
         return self._add(config, f"{key}  pretraining ({mdef.pretrain})", [])
 
     def _reported_teacher_top1(self, key: str) -> Optional[float]:
@@ -203,13 +204,15 @@ class Planner:
         return None
 
 
-def resolve_losses(method: MethodDef, cell: Optional[Cell]) -> dict[str, dict[str, Any]]:
-    """Merge the method's loss terms with the cell's per-term parameters into plain dicts."""
+def resolve_losses(method: MethodDef, cell: Optional[Cell],
+                   tier_params: Optional[dict[str, dict[str, Any]]] = None) -> dict[str, dict[str, Any]]:
+    """Merge the method's loss terms with the cell's per-term parameters, then the tier's (``Spec.tier_params``),
+    into plain dicts."""
     losses: dict[str, dict[str, Any]] = {}
     for name, term in method.losses.items():
         base = {"weight": float(term)} if isinstance(term, (int, float)) else LossSpec.model_validate(term).model_dump()
         override = cell.params.get(name, {}) if cell else {}
-        losses[name] = deep_merge(base, override)
+        losses[name] = deep_merge(deep_merge(base, override), (tier_params or {}).get(name, {}))
     return losses
 
 

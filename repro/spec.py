@@ -47,6 +47,7 @@ class Reported(Strict):
     # What the number measures; compared with the runs' top-1 or top-5 (repro.compare). mCE and shape bias are
     # measured by `repro eval` over finished runs, not by training runs, so a table cell cannot hold them.
     metric: str = "top1"
+    note: str = ""  # a ledger fact about this value (e.g. what the source repository prints): a table footnote
 
     @field_validator("metric")
     @classmethod
@@ -224,7 +225,10 @@ class Spec(Strict):
     tiers: dict[Tier, dict[str, Any]] = {}
     tier_notes: dict[Tier, str] = {}
     seeds: PositiveInt = 1  # default seeds per cell at the full tier (the paper's run count)
-    tier_seeds: dict[Tier, PositiveInt] = {}
+    tier_seeds: dict[Tier, PositiveInt] = {}  # a tier's seed count overrides the spec's and the cells'
+    # Per-tier loss-term parameters, {tier: {term: {param: value}}}, applied to every cell whose method has the
+    # term (after the cell's own params): e.g. a warm-up in epochs scaled like the tier's milestones.
+    tier_params: dict[Tier, dict[str, dict[str, Any]]] = {}
     models: dict[str, ModelDef] = {}
     # Per-tier architecture substitutes, e.g. {smoke: {deit_tiny_patch16_224: vit_smoke_tiny}}: the smoke tier
     # of a ViT paper runs tiny ViTs through the same code path; the substitution is stamped on the table.
@@ -258,6 +262,11 @@ class Spec(Strict):
 
     def seeds_for(self, tier: str) -> int:
         return self.tier_seeds.get(tier, self.seeds)
+
+    def seeds_for_cell(self, cell: Cell, tier: str) -> int:
+        """The tier's seed count if it sets one, else the cell's (a paper cell run a different number of
+        times than its table), else the spec's."""
+        return self.tier_seeds.get(tier) or cell.seeds or self.seeds
 
     def model_def(self, key: str) -> ModelDef:
         return self.models.get(key, ModelDef())
@@ -376,7 +385,9 @@ def check_recipe_names(spec: Spec) -> None:
 
 def check_loss_terms(spec: Spec) -> None:
     """Every loss term exists, gets exactly the parameters its constructor takes, and every parameter (given or
-    default) lies in the domain the term declares (``LossTerm.domains``); the first problem is named."""
+    default) lies in the domain the term declares (``LossTerm.domains``), at every tier; the first problem is
+    named."""
+    from repro.methods import get_term
     from repro.plan import resolve_losses
 
     # Epoch parameters (warm-ups, early stops) are the paper's: checked against the spec's own (full-tier)
@@ -387,14 +398,18 @@ def check_loss_terms(spec: Spec) -> None:
         method = spec.methods[cell.method]
         if method.reported_only is not None or method.role == "teacher":
             continue
-        for name, params in resolve_losses(method, cell).items():
-            _check_term(f"spec {spec.id}: cells[{i}] ({cell.method}, {cell.student}): loss term {name!r}", name,
-                        params, _run_epochs(spec, method, epochs))
+        for tier in TIERS:
+            for name, params in resolve_losses(method, cell, spec.tier_params.get(tier)).items():
+                _check_term(f"spec {spec.id}: cells[{i}] ({cell.method}, {cell.student}) [{tier}]: loss term "
+                            f"{name!r}", name, params, _run_epochs(spec, method, epochs))
     for key in sorted(pretrain_methods & set(spec.methods)):
         method = spec.methods[key]
         for name, params in resolve_losses(method, None).items():
             _check_term(f"spec {spec.id}: method {key!r}: loss term {name!r}", name, params,
                         _run_epochs(spec, method, epochs))
+    for terms in spec.tier_params.values():
+        for name in terms:
+            get_term(name)  # an unknown term name is an error naming the known ones
     for key, mdef in spec.models.items():
         if mdef.pretrain and mdef.pretrain not in spec.methods:
             raise ReproError(f"spec {spec.id}: model {key!r} names unknown pretrain method {mdef.pretrain!r}")

@@ -246,7 +246,9 @@ class Trainer:
         self.lr = self._learning_rate()
         self.optimizer = OPTIMIZERS.get(recipe.optimizer.name)([student, self.distiller.terms], recipe.optimizer,
                                                                self.lr)
-        self.scheduler = SCHEDULES.get(recipe.schedule.name)(self.optimizer, recipe.schedule, recipe.epochs)
+        self.steps_per_epoch = len(self.train_loader)  # optimizer steps (one per global batch)
+        self.scheduler = SCHEDULES.get(recipe.schedule.name)(self.optimizer, recipe.schedule, recipe.epochs,
+                                                             self.steps_per_epoch)
         if recipe.compile:
             # In place (nn.Module.compile): the Distiller's training forward and evaluation both call the
             # compiled module, and the state dict keeps its plain names (checkpoints load uncompiled).
@@ -415,8 +417,7 @@ class Trainer:
 
     def _term_reports(self) -> dict[str, Any]:
         """What loss terms decided before training (SSTA's heads, their scores and rule), by term name."""
-        reports = {name: term.report() for name, term in self.distiller.terms.items()}
-        return {name: report for name, report in reports.items() if report is not None}
+        return {name: report for name, term in self.distiller.terms.items() if (report := term.report())}
 
     def _train_epoch(self, epoch: int, bar: Any) -> tuple[dict[str, float], int]:
         """One epoch; returns the loss sums (weighted by images) and the images seen, over all ranks."""
@@ -426,6 +427,7 @@ class Trainer:
         n_images = 0
         for step, batch in enumerate(self.train_loader):
             batch.epoch = epoch
+            self.scheduler.step_update((epoch - 1) * self.steps_per_epoch + step)  # per-step schedules only
             self.optimizer.zero_grad(set_to_none=True)
             global_count = self._global_count(batch, step)
             micro_batches = distributed.split_batch(batch, self.mapping.grad_accum_steps)

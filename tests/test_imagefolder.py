@@ -130,3 +130,19 @@ def test_standard_pipeline_order_and_fingerprint(folder):
         build_folder_pipeline("imagenet_standard", folder, 32, 8, seed=0, device="cpu", mixup=0.8)
     with pytest.raises(ReproError, match="even batch size"):
         build_folder_pipeline("deit", folder, 32, 7, seed=0, device="cpu")
+
+
+def test_standard_pipeline_trains_on_the_short_last_batch(folder):
+    """torchdistill's ImageNet loaders keep the last, partial batch (drop_last: False); DeiT's drops it."""
+    n = CLASSES * PER_CLASS  # 48 images, batch 10: four full batches and one of 8
+    train = build_folder_pipeline("imagenet_standard", folder, 32, 10, seed=0, device="cpu")[0]
+    train.set_epoch(1)
+    sizes = [b.labels.numel() for b in train]
+    assert sizes == [10, 10, 10, 10, n % 10] and len(train) == 5
+    assert sorted(torch.cat([b.indices for b in train]).tolist()) == list(range(n))  # every image once
+    dropping = build_folder_pipeline("imagenet_standard", folder, 32, 10, seed=0, device="cpu", drop_last=True)[0]
+    assert [b.labels.numel() for b in dropping] == [10] * 4
+    deit = build_folder_pipeline("deit", folder, 32, 10, seed=0, device="cpu", repeated_aug=1)[0]
+    assert len(deit) == n // 10
+    with pytest.raises(ReproError, match="drop_last must stay true"):
+        build_folder_pipeline("deit", folder, 32, 10, seed=0, device="cpu", drop_last=False)

@@ -62,6 +62,7 @@ class FolderRecipe:
     smoothing: float
     repeated_aug: int  # number of repeats, 0 or 1 = off
     options: dict[str, Any]  # the resolved options (defaults + overrides), for the fingerprint
+    drop_last: bool = True  # drop the epoch's last, partial training batch
 
 
 RecipeBuilder = Callable[..., FolderRecipe]
@@ -84,7 +85,8 @@ def _eval_transform(image_size: int, crop_ratio: float, interpolation: Interpola
     ])
 
 
-_STANDARD_DEFAULTS = {"eval_crop_ratio": 0.875, "scale": (0.08, 1.0), "smoothing": 0.0}
+# drop_last False: torchdistill's ImageNet configs (train_data_loader drop_last: False): the last, partial batch trains.
+_STANDARD_DEFAULTS = {"eval_crop_ratio": 0.875, "scale": (0.08, 1.0), "smoothing": 0.0, "drop_last": False}
 
 
 @FOLDER_RECIPES.register("imagenet_standard")
@@ -98,7 +100,7 @@ def imagenet_standard(image_size: int, **options: Any) -> FolderRecipe:
     ])
     evaluation = _eval_transform(image_size, opts["eval_crop_ratio"], InterpolationMode.BILINEAR)
     return FolderRecipe(train, evaluation, mixup=None, smoothing=float(opts["smoothing"]), repeated_aug=0,
-                        options=opts)
+                        options=opts, drop_last=bool(opts["drop_last"]))
 
 
 _DEIT_DEFAULTS = {
@@ -106,6 +108,7 @@ _DEIT_DEFAULTS = {
     "re_prob": 0.25, "re_mode": "pixel", "re_count": 1,
     "mixup": 0.8, "cutmix": 1.0, "cutmix_minmax": None, "mixup_prob": 1.0, "mixup_switch_prob": 0.5,
     "mixup_mode": "batch", "smoothing": 0.1, "repeated_aug": 3, "eval_crop_ratio": 0.875,
+    "drop_last": True,  # deit main.py: data_loader_train drop_last=True
 }
 
 
@@ -152,7 +155,8 @@ def deit(image_size: int, **options: Any) -> FolderRecipe:
     mixup = dict(mixup_alpha=opts["mixup"], cutmix_alpha=opts["cutmix"], cutmix_minmax=opts["cutmix_minmax"],
                  prob=opts["mixup_prob"], switch_prob=opts["mixup_switch_prob"], mode=opts["mixup_mode"],
                  label_smoothing=opts["smoothing"]) if mixing else None
-    return FolderRecipe(train, evaluation, mixup, float(opts["smoothing"]), int(opts["repeated_aug"]), opts)
+    return FolderRecipe(train, evaluation, mixup, float(opts["smoothing"]), int(opts["repeated_aug"]), opts,
+                        drop_last=bool(opts["drop_last"]))
 
 
 # Each recipe's options (what ``pipeline_args`` may override), for the load-time check of spec names.
@@ -209,7 +213,7 @@ class FolderLoader:
 
     def __init__(self, dataset: IndexedImageFolder, batch_size: int, sampler: Sampler, workers: int,
                  device: torch.device, seed: int, train: bool, num_classes: int,
-                 mixup: Optional[dict[str, Any]] = None, smoothing: float = 0.0) -> None:
+                 mixup: Optional[dict[str, Any]] = None, smoothing: float = 0.0, drop_last: bool = False) -> None:
         self.dataset = dataset
         self.sampler = sampler
         self.device = torch.device(device)
@@ -221,7 +225,7 @@ class FolderLoader:
         self.mixup = Mixup(num_classes=num_classes, **mixup) if mixup else None
         self._generator = torch.Generator()
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                 pin_memory=self.device.type == "cuda", drop_last=train,
+                                 pin_memory=self.device.type == "cuda", drop_last=drop_last,
                                  persistent_workers=False, generator=self._generator)
 
     def set_epoch(self, epoch: int) -> None:
@@ -289,6 +293,9 @@ def build_folder_pipeline(name: str, root: str | os.PathLike, image_size: int, b
     num_classes = len(train_set.classes)
     if recipe.mixup is not None and batch_size % 2:
         raise ReproError(f"pipeline {name!r} mixes pairs of images and needs an even batch size, got {batch_size}")
+    if recipe.mixup is not None and not recipe.drop_last:
+        raise ReproError(f"pipeline {name!r} mixes pairs of images per batch: drop_last must stay true (an odd "
+                         f"last batch cannot be mixed; DeiT drops it)")
     if batch_size > len(train_set):
         raise ReproError(f"batch size {batch_size} exceeds the {len(train_set)} training images in {root_path}")
     replicas, rank = _replicas()
@@ -298,7 +305,7 @@ def build_folder_pipeline(name: str, root: str | os.PathLike, image_size: int, b
         sampler = ShuffleSampler(len(train_set), seed, replicas, rank)
     device = torch.device(device)
     train = FolderLoader(train_set, batch_size, sampler, workers, device, seed, True, num_classes,
-                         recipe.mixup, recipe.smoothing)
+                         recipe.mixup, recipe.smoothing, drop_last=recipe.drop_last)
     test = FolderLoader(val_set, eval_batch_size or batch_size, torch.utils.data.SequentialSampler(val_set), workers,
                         device, seed, False, num_classes)
     train.set_epoch(1)

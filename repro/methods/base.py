@@ -93,9 +93,11 @@ class LossTerm(nn.Module):
         """Whether the term contributes at this (1-based) epoch; SSTA's early stop overrides it."""
         return True
 
-    def report(self) -> Optional[dict[str, Any]]:
-        """What the term decided before training (e.g. SSTA's chosen heads), for the run's result.json."""
-        return None
+    def report(self) -> dict[str, Any]:
+        """What the term decided or derived before training that a reader of the run must see (SSTA's chosen
+        heads, WTTM's mean-U rescale), written into the run's ``result.json`` under ``term_reports``; empty for
+        most terms."""
+        return {}
 
     def forward(self, out: Outputs, batch: Batch) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

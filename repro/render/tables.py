@@ -15,9 +15,9 @@ from repro.spec import Spec
 from repro.store import atomic_write_bytes
 
 CSV_COLUMNS = ["table", "spec", "teacher", "student", "method", "reported_mean", "reported_std", "reported_n",
-               "reported_protocol", "reported_status", "reported_source", "confidence", "reproduced_mean",
-               "reproduced_std", "n_seeds", "metric", "best_top1_mean", "last_top1_mean", "delta", "tolerance",
-               "tier", "verdict", "run_ids"]
+               "reported_protocol", "reported_status", "reported_source", "confidence", "reported_note",
+               "reproduced_mean", "reproduced_std", "n_seeds", "metric", "best_top1_mean", "last_top1_mean", "delta",
+               "tolerance", "tier", "verdict", "run_ids"]
 
 
 def _num(x: Optional[float], std: Optional[float] = None) -> str:
@@ -51,10 +51,14 @@ def _reported_text(r: CellResult, notes: Footnotes) -> str:
     text = _num(rep.mean, rep.std)
     marks = []
     if rep.confidence not in ("high", ""):
-        marks.append(notes.mark(f"Confidence in this reported value: {rep.confidence}."))
+        # A value to handle with care names where it comes from in the table itself, not only in the CSV.
+        source = f"Reported value from {rep.source}; " if rep.source else "Reported value: "
+        marks.append(notes.mark(f"{source}confidence: {rep.confidence}."))
     if rep.protocol == "last":
-        marks.append(notes.mark("Reported as last-epoch accuracy (copied from the CRD paper); this table mixes "
-                                "protocols, so the reproduced value shown beside it is also last-epoch."))
+        marks.append(notes.mark("Reported as last-epoch accuracy by its source; this table mixes protocols, so "
+                                "the reproduced value shown beside it is also last-epoch."))
+    if rep.note:
+        marks.append(notes.mark(rep.note))
     return " ".join([text, *marks])
 
 
@@ -104,12 +108,23 @@ def section_markdown(spec: Spec, tier: str, results: list[CellResult]) -> str:
     recipe = spec.recipe_for(tier)
     lines = [f"## {spec.table}: {spec.title}", "",
              f"Spec `{spec.id}` (`repro/specs/{spec.id}.yaml`); tier **{tier}**; seeds per cell: "
-             f"{spec.seeds_for(tier)}; metric protocol: {recipe.metric}-epoch top-1 unless a cell says otherwise.",
+             f"{spec.seeds_for(tier)}{_seed_exceptions(spec, tier)}; metric protocol: {recipe.metric}-epoch "
+             f"top-1 unless a cell says otherwise.",
              "", table, ""]
     lines += _deviation_lines(spec, tier, results, notes)
     if notes.texts:
         lines += ["", "Notes:", "", notes.render()]
     return "\n".join(lines) + "\n"
+
+
+def _seed_exceptions(spec: Spec, tier: str) -> str:
+    """Cells run a different number of times than the spec's default (the paper's own run counts)."""
+    counts = sorted({(spec.seeds_for_cell(c, tier), c.method) for c in spec.cells
+                     if spec.seeds_for_cell(c, tier) != spec.seeds_for(tier)
+                     and spec.methods[c.method].reported_only is None and spec.methods[c.method].role == "student"})
+    if not counts:
+        return ""
+    return " (" + "; ".join(f"{m}: {n}" for n, m in counts) + ")"
 
 
 def _deviation_lines(spec: Spec, tier: str, results: list[CellResult], notes: Footnotes) -> list[str]:
@@ -182,7 +197,8 @@ def csv_rows(results: list[CellResult]) -> list[dict[str, Any]]:
             "table": r.table, "spec": r.spec_id, "teacher": r.cell.teacher or "", "student": r.cell.student,
             "method": r.cell.method, "reported_mean": rep.mean, "reported_std": rep.std, "reported_n": rep.n,
             "reported_protocol": rep.protocol, "reported_status": rep.status, "reported_source": rep.source,
-            "confidence": rep.confidence, "reproduced_mean": r.mean, "reproduced_std": r.std, "n_seeds": r.n,
+            "confidence": rep.confidence, "reported_note": rep.note, "reproduced_mean": r.mean,
+            "reproduced_std": r.std, "n_seeds": r.n,
             "metric": _metric_text(r), "best_top1_mean": r.best_mean, "last_top1_mean": r.last_mean, "delta": r.delta,
             "tolerance": r.tolerance, "tier": r.tier, "verdict": r.verdict, "run_ids": " ".join(r.run_ids),
         })
