@@ -28,7 +28,7 @@ help:
 	@echo "make smoke                           every spec at the smoke tier (the CI smoke reproduction)"
 	@echo "make figures TIER=smoke              render figures/ (running the smoke runs they need)"
 	@echo "make bench                           KD training throughput: reference vs fast paths"
-	@echo "make teachers                        fetch the public CIFAR-100 teacher checkpoints (sha256-locked)"
+	@echo "make teachers                        fetch the public CIFAR-100 teacher checkpoints (sha256 lock in the teacher root)"
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml

@@ -235,7 +235,9 @@ def cmd_teachers(args: argparse.Namespace) -> int:
     from repro import teachers
 
     if args.action == "fetch":
-        paths = teachers.fetch_teachers(Path(args.dest))
+        dest = Path(args.dest) if args.dest else _teachers_root(args)
+        paths = teachers.fetch_teachers(dest)
+        print(f"sha256 lock: {teachers.user_lock_path(dest)}")
         for arch, path in sorted(paths.items()):
             print(f"{arch}: {path}")
         return 0
@@ -249,6 +251,14 @@ def cmd_teachers(args: argparse.Namespace) -> int:
             print(f"teacher {run_id}: {computed} views computed")
         return 0
     raise ReproError(f"unknown teachers action {args.action!r}")
+
+
+def _teachers_root(args: argparse.Namespace) -> Path:
+    """The teacher root the planner uses for ``--spec`` at ``--tier``: one root for fetching and planning."""
+    from repro.plan import teachers_root
+    from repro.spec import load_spec
+
+    return teachers_root(load_spec(args.spec).recipe_for(args.tier))
 
 
 @command("eval")
@@ -329,8 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p = sub.add_parser("teachers", help="fetch the public CIFAR teachers, train them, or precompute their outputs")
     p.add_argument("action", choices=["fetch", "train", "cache"])
-    p.add_argument("--dest", default="teachers/cifar100", help="fetch: where the checkpoints go")
-    p.add_argument("--spec", default="wttm/cifar100-table1", help="cache: the spec whose teachers to cache")
+    p.add_argument("--dest", default=None,
+                   help="fetch: where the checkpoints go (default: the teacher root the planner uses for --spec: "
+                        "its teachers.root, else $REPRO_TEACHERS, else teachers/cifar100)")
+    p.add_argument("--spec", default="wttm/cifar100-table1",
+                   help="fetch: the spec whose teacher root to fill; cache: the spec whose teachers to cache")
     common(p)
     running(p)
     from repro.bench import add_bench_parser

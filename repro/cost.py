@@ -1,8 +1,15 @@
 """Cost model: estimate each run's time on a device from measured throughput.
 
-Throughput comes from a short micro-benchmark (a few forward/backward steps) on this machine's device, cached
-per device name in ``<runs>/.cache/throughput.json``. Runs that execute elsewhere (Slurm nodes seen from a login
-node) are estimated from the cache entries of their device, by name (``CostModel.from_cache``), never from this
+Throughput comes from finished runs in the store with the same student/teacher/pipeline on the same device
+(images/s they recorded), else from a short micro-benchmark, cached per device in ``<runs>/.cache/throughput.json``.
+
+The micro-benchmark times the recipe's batch size (small CIFAR models are launch-bound on a GPU: batch 16 would
+underestimate their throughput several-fold), after a warm-up step, for at least ``MIN_STEPS`` steps and
+``MIN_SECONDS``. On a CPU the batch is capped at ``CPU_MAX_BATCH`` (throughput per image is flat beyond a few
+dozen images there, and a 1024-image ViT step would need tens of GB) and at ``CPU_MAX_PIXELS`` pixels; a batch
+that does not fit in memory is halved until it does.
+
+Runs that execute elsewhere (Slurm nodes seen from a login node) are estimated from the cache entries of their device, by name (``CostModel.from_cache``), never from this
 machine's: a missing entry is a refusal that says how to measure it.
 """
 from __future__ import annotations
@@ -20,6 +27,11 @@ from repro.provenance import device_name
 from repro.store import RunStore, atomic_write_json
 
 _WEIGHT_ARGS = ("pretrained", "checkpoint", "checkpoint_key")  # never load weights just to time a model
+CPU_MAX_BATCH = 64
+CPU_MAX_PIXELS = 8 * 224 * 224  # per CPU batch: 64 CIFAR images, 8 ImageNet ones (a few seconds per step at most)
+MIN_STEPS = 3
+MIN_SECONDS = 0.25  # per measurement, after the warm-up: a stable rate, still short for `repro plan`
+MAX_STEPS = 50
 KNOWN_SIZES = {"cifar100": (50000, 10000), "cifar10": (50000, 10000), "imagenet": (1281167, 50000)}
 
 
@@ -81,32 +93,55 @@ class CostModel:
         return plan.runs[teacher["run"]].config["model"] if teacher["run"] in plan.runs else None
 
     def images_per_s(self, model: dict[str, Any], teacher: Optional[dict[str, Any]], recipe: dict[str, Any]) -> float:
-        """Training images/s of ``model`` (a run config's model entry) with ``teacher`` forwarded on every step."""
+        """Training images/s of ``model`` (a run config's model entry) with ``teacher`` forwarded on every step,
+        at the recipe's batch size."""
         size = _image_size(recipe)
-        seconds = 1.0 / self._rate(model, size, train=True)
+        batch = self.measured_batch(int(recipe.get("batch_size", 64)), size)
+        seconds = 1.0 / self._rate(model, size, train=True, batch=batch)
         if teacher:
-            seconds += 1.0 / self._rate(teacher, size, train=False)
+            seconds += 1.0 / self._rate(teacher, size, train=False, batch=batch)
         return 1.0 / seconds
 
-    def _rate(self, model: dict[str, Any], size: int, train: bool) -> float:
+    def measured_batch(self, recipe_batch: int, size: int) -> int:
+        """The batch the micro-benchmark times: the recipe's, capped on a CPU (see the module docstring)."""
+        # A target device known only by name (Slurm, seen from a login node) is a CPU if device_name said so.
+        on_cpu = self.device.type == "cpu" if self.device is not None else self.device_key.startswith("cpu")
+        if not on_cpu:
+            return max(1, recipe_batch)
+        return max(1, min(recipe_batch, CPU_MAX_BATCH, CPU_MAX_PIXELS // (size * size)))
+
+    def _rate(self, model: dict[str, Any], size: int, train: bool, batch: int) -> float:
         # The architecture arguments (img_size, patch_size, ...) change the cost; weight sources do not.
         args = {k: v for k, v in model.get("args", {}).items() if k not in _WEIGHT_ARGS}
-        key = f"{self.device_key}|{model['arch']}|{json.dumps(args, sort_keys=True)}|{size}|{'train' if train else 'forward'}"
+        key = (f"{self.device_key}|{model['arch']}|{json.dumps(args, sort_keys=True)}|{size}|"
+               f"{'train' if train else 'forward'}|b{batch}")
         if key not in self.cache:
             if self.device is None:
                 raise CannotEstimate(
                     f"no throughput of {model['arch']} ({'training' if train else 'forward'}, {size} px) measured on "
                     f"{self.device_key!r}; measure it on such a device once (e.g. `srun ... repro plan SPEC "
                     f"--device cuda --runs {self.store.root}`), or pass --no-estimate")
-            self.cache[key] = self._measure(model["arch"], args, size, train)
+            self.cache[key] = self._measure(model["arch"], args, size, train, batch)
             atomic_write_json(self.path, self.cache)
         return self.cache[key]
 
-    def _measure(self, arch: str, args: dict[str, Any], size: int, train: bool, batch: int = 16,
-                 steps: int = 2) -> float:
+    def _measure(self, arch: str, args: dict[str, Any], size: int, train: bool, batch: int) -> float:
+        """Images/s at ``batch`` (halved while it does not fit in memory)."""
         assert self.device is not None
         torch.manual_seed(0)
         model = create_model(arch, **args).to(self.device).train(train)
+        while True:
+            try:
+                return self._time_steps(model, size, train, batch)
+            except (torch.OutOfMemoryError, MemoryError):
+                if batch == 1:
+                    raise
+                batch //= 2
+                model.zero_grad(set_to_none=True)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    def _time_steps(self, model: torch.nn.Module, size: int, train: bool, batch: int) -> float:
         x = torch.randn(batch, 3, size, size, device=self.device)
 
         def step() -> None:
@@ -118,14 +153,18 @@ class CostModel:
             model(x).float().logsumexp(1).mean().backward()
 
         step()  # warm-up (allocations, kernel selection)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
+        self._synchronize()
+        steps, t0 = 0, time.perf_counter()
+        while steps < MIN_STEPS or (time.perf_counter() - t0 < MIN_SECONDS and steps < MAX_STEPS):
             step()
+            steps += 1
+            if steps >= MIN_STEPS:
+                self._synchronize()  # the clock must see the queued work before deciding to stop
+        return steps * batch / (time.perf_counter() - t0)
+
+    def _synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return steps * batch / (time.perf_counter() - t0)
 
     def estimate_seconds(self, plan: Plan, run: PlannedRun) -> float:
         recipe = run.config["recipe"]

@@ -7,7 +7,6 @@ a checkpoint file (which is also the teacher-accuracy gate). Identical configs c
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -46,7 +45,32 @@ class Plan:
 
 
 def teachers_root(recipe: Recipe) -> Path:
-    return Path(recipe.teachers.root or os.environ.get("REPRO_TEACHERS", "teachers/cifar100"))
+    """The one teacher root (absolute) the planner and ``repro teachers fetch`` share: the recipe's
+    ``teachers.root``, else ``$REPRO_TEACHERS``, else ``teachers/cifar100``."""
+    from repro.teachers import teachers_root as resolve_root
+
+    return resolve_root(recipe.teachers.root)
+
+
+def checkpoint_identity(arch: str, root: Path, explicit: Optional[str] = None) -> dict[str, Any]:
+    """A teacher checkpoint as a run config records it.
+
+    ``file``: the name that identifies it (``<arch>_vanilla/ckpt_epoch_240.pth`` inside the teacher root, or a
+    spec's own ``checkpoint`` as written); ``path`` and ``lock``: where it and the teacher root's lock are on this
+    machine, absolute and resolved (kept out of the run id: ``repro.store.NON_IDENTITY_PATHS``); ``sha256``: the
+    file's hash when it is present, else the locked one once known, else None (the run id then changes when the
+    hash becomes known: different weights, different run).
+    """
+    from repro.teachers import locked_sha256, user_lock_path
+
+    file = explicit or CHECKPOINT_NAME.format(arch=arch)
+    path = (Path(explicit) if explicit else root / file).expanduser().resolve()
+    lock = user_lock_path(root)
+    if path.is_file():
+        sha256: Optional[str] = file_sha256(path)
+    else:
+        sha256 = None if explicit else locked_sha256(arch, lock)
+    return {"file": file, "path": str(path), "lock": str(lock), "sha256": sha256}
 
 
 def file_sha256(path: Path) -> str:
@@ -166,8 +190,7 @@ class Planner:
         if source.source == "pretrained":
             model["args"] = {**model["args"], **({"checkpoint": mdef.checkpoint} if mdef.checkpoint else {"pretrained": True})}
         else:
-            path = Path(mdef.checkpoint) if mdef.checkpoint else teachers_root(self.recipe) / CHECKPOINT_NAME.format(arch=arch)
-            checkpoint = {"path": str(path), "sha256": file_sha256(path) if path.is_file() else None}
+            checkpoint = checkpoint_identity(arch, teachers_root(self.recipe), mdef.checkpoint)
         config = {
             "kind": "eval",
             "tier": self.tier,

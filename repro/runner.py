@@ -79,21 +79,29 @@ def load_eval_model(config: dict[str, Any]) -> tuple[nn.Module, str]:
     if not config.get("checkpoint"):
         model = create_model(model_cfg["arch"], num_classes=model_cfg["num_classes"], **model_cfg.get("args", {}))
         return model, canonical_model_key(model_cfg)
-    path = Path(config["checkpoint"]["path"])
+    checkpoint = config["checkpoint"]
+    path = Path(checkpoint["path"])
     if not path.is_file():
         raise ReproError(f"teacher checkpoint {path} is missing: run `repro teachers fetch` (or put the file there), "
                          f"or use TIER=smoke, whose teachers are trained")
-    verify_teacher(model_cfg["arch"], path)
-    return load_teacher(model_cfg["arch"], path, num_classes=model_cfg["num_classes"]), file_sha256(path)
+    sha256 = verify_teacher(model_cfg["arch"], path, checkpoint.get("lock"))
+    if checkpoint.get("sha256") and sha256 != checkpoint["sha256"]:
+        raise ReproError(f"teacher checkpoint {path} has sha256 {sha256}, but this run was planned for "
+                         f"{checkpoint['sha256']}: the file changed after planning; plan again")
+    return load_teacher(model_cfg["arch"], path, num_classes=model_cfg["num_classes"]), sha256
 
 
 def evaluate_checkpoint(config: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """A checkpoint teacher's run: verify its weights, measure its accuracy, apply the accuracy gate."""
+    from repro.teachers import lock_origin
+
     arch = config["model"]["arch"]
-    model, _ = load_eval_model(config)
+    model, weights_key = load_eval_model(config)
     scores = evaluate_model(model, config["recipe"], device)
+    pinned = {"checkpoint_sha256": weights_key, "checkpoint_lock": lock_origin(arch)} if config.get("checkpoint") \
+        else {}
     result = {"best_top1": scores["top1"], "last_top1": scores["top1"], "best_top5": scores["top5"],
-              "last_top5": scores["top5"], "best_epoch": None,
+              "last_top5": scores["top5"], "best_epoch": None, **pinned,
               "world_size": distributed.current().world_size,
               "expected_top1": config.get("expected_top1"), "gate_tolerance": config.get("gate_tolerance")}
     expected, tolerance = config.get("expected_top1"), config.get("gate_tolerance")

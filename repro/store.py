@@ -27,7 +27,8 @@ from repro.errors import ReproError
 from repro.locks import RunLock
 
 # Fields that say where things are on this machine, not what is computed: excluded from the run id.
-NON_IDENTITY_PATHS = (("recipe", "data", "root"), ("recipe", "data", "download"), ("recipe", "teachers", "root"))
+NON_IDENTITY_PATHS = (("recipe", "data", "root"), ("recipe", "data", "download"), ("recipe", "teachers", "root"),
+                      ("checkpoint", "path"), ("checkpoint", "lock"))  # a checkpoint is its file name and sha256
 
 
 def canonical_json(obj: Any) -> str:

@@ -4,8 +4,18 @@ RepDistiller (and WTTM, which reuses its scripts) stores a trained network as ``
 state_dict, 'epoch': ..., ...})`` at ``<root>/<arch>_vanilla/ckpt_epoch_240.pth``. The original download host
 (shape2prog.csail.mit.edu) is dead; the surviving public copy is mdistiller's release ``cifar_teachers.tar``
 (anchors.md finding 4). Since a re-uploaded or truncated file would silently change every distillation number,
-``fetch_teachers`` records each file's sha256 in a lock file the first time it is obtained and every later use
-(``verify_teacher``) refuses a file whose hash differs.
+every use (``verify_teacher``) checks a file's sha256 against a lock.
+
+No source publishes checksums for these files (neither RepDistiller's ``scripts/fetch_pretrained_teachers.sh``
+nor mdistiller's README or release page), so the lock shipped with the package (``SHIPPED_LOCK_PATH``) is empty
+and read-only: it would hold published checksums, which every file must then match. The user's lock,
+``<teacher root>/teachers.lock.json``, lives next to the teacher files, outside the repository: ``fetch_teachers``
+records there the sha256 of each file the first time it is obtained, so **the first download defines the lock**,
+and what guards against a wrong file is the teacher-accuracy gate (``repro.runner.evaluate_checkpoint``: the
+measured top-1 must be within the spec's tolerance of CRD's published accuracy).
+
+One teacher root serves the planner and ``repro teachers fetch``: a spec's ``teachers.root``, else
+``$REPRO_TEACHERS``, else ``teachers/cifar100`` (``teachers_root``).
 """
 from __future__ import annotations
 
@@ -51,11 +61,41 @@ BUNDLE_URL = "https://github.com/megvii-research/mdistiller/releases/download/ch
 LEGACY_URL_TEMPLATE = "http://shape2prog.csail.mit.edu/repo/{arch}_vanilla/ckpt_epoch_240.pth"
 # A source is either a tar bundle URL or a per-file URL template containing "{arch}"; tried in order.
 DEFAULT_SOURCES: tuple[str, ...] = (BUNDLE_URL, LEGACY_URL_TEMPLATE)
-DEFAULT_LOCK_PATH = Path(__file__).with_name("teachers.lock.json")
+LOCK_NAME = "teachers.lock.json"
+# Published checksums only (none exist today); never written by the code, so `make teachers` leaves the repo clean.
+SHIPPED_LOCK_PATH = Path(__file__).with_name(LOCK_NAME)
+DEFAULT_TEACHERS_ROOT = "teachers/cifar100"
 _DOWNLOAD_TIMEOUT_S = 60
 
 
 # ----------------------------------------------------------------------------------------------- paths, hashes
+
+
+def teachers_root(configured: str | os.PathLike[str] | None = None) -> Path:
+    """The teacher root, absolute: ``configured`` (a spec's ``teachers.root``), else ``$REPRO_TEACHERS``, else
+    ``teachers/cifar100`` (relative to the working directory)."""
+    chosen = configured or os.environ.get("REPRO_TEACHERS") or DEFAULT_TEACHERS_ROOT
+    return Path(chosen).expanduser().resolve()
+
+
+def user_lock_path(root: str | os.PathLike[str]) -> Path:
+    """The user's lock: next to the teacher files, in the teacher root (never inside the package)."""
+    return Path(root) / LOCK_NAME
+
+
+def locked_sha256(arch: str, lock_path: str | os.PathLike[str]) -> str | None:
+    """The sha256 a file for ``arch`` must have: the published one (shipped lock) if any, else the user lock's."""
+    for lock in (read_lock(SHIPPED_LOCK_PATH), read_lock(lock_path)):
+        if "sha256" in lock.get(arch, {}):
+            return str(lock[arch]["sha256"])
+    return None
+
+
+def lock_origin(arch: str) -> str:
+    """Where the sha256 a teacher is checked against comes from, in words (for result and table stamps)."""
+    if "sha256" in read_lock(SHIPPED_LOCK_PATH).get(arch, {}):
+        return "published checksum"
+    return "no published checksum: the first download defined the lock; the accuracy gate is the check"
 
 
 def teacher_path(arch: str, root: str | os.PathLike[str]) -> Path:
@@ -71,7 +111,7 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def read_lock(lock_path: str | os.PathLike[str] = DEFAULT_LOCK_PATH) -> dict[str, dict[str, str]]:
+def read_lock(lock_path: str | os.PathLike[str] = SHIPPED_LOCK_PATH) -> dict[str, dict[str, str]]:
     """The lock file's entries ``{arch: {"file", "sha256", "source"}}``; a missing lock file is empty."""
     lock_path = Path(lock_path)
     if not lock_path.is_file():
@@ -85,7 +125,14 @@ def read_lock(lock_path: str | os.PathLike[str] = DEFAULT_LOCK_PATH) -> dict[str
     return lock
 
 
+def _write_lock_allowed(lock_path: Path) -> None:
+    if _same_file(lock_path, SHIPPED_LOCK_PATH):
+        raise ReproError(f"{lock_path} is the lock shipped with the package (published checksums, read-only); "
+                         f"the lock of downloaded teachers belongs in the teacher root ({LOCK_NAME} next to them)")
+
+
 def _write_lock(lock_path: Path, lock: Mapping[str, Any]) -> None:
+    _write_lock_allowed(lock_path)
     text = json.dumps(dict(sorted(lock.items())), indent=2) + "\n"
     try:
         _atomic_write_bytes(lock_path, text.encode())
@@ -100,26 +147,35 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp.name, path)
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
 def verify_teacher(
-    arch: str, path: str | os.PathLike[str], lock_path: str | os.PathLike[str] = DEFAULT_LOCK_PATH
+    arch: str, path: str | os.PathLike[str], lock_path: str | os.PathLike[str] | None = None
 ) -> str:
-    """Check ``path`` against the sha256 recorded for ``arch``; returns the hash, raises ReproError otherwise."""
+    """Check ``path`` against the sha256 locked for ``arch``: the published one if the shipped lock has it, and
+    the user lock's (default: ``teachers.lock.json`` in the teacher root above ``<arch>_vanilla/``). Returns the
+    hash; raises ReproError otherwise."""
     path = Path(path)
     if not path.is_file():
         raise ReproError(f"teacher checkpoint for {arch!r} not found: {path}")
-    entry = read_lock(lock_path).get(arch)
-    if entry is None or "sha256" not in entry:
+    lock_path = Path(lock_path) if lock_path is not None else user_lock_path(path.parent.parent)
+    checks = [(p, read_lock(p).get(arch)) for p in (SHIPPED_LOCK_PATH, lock_path)]
+    checks = [(p, entry) for p, entry in checks if entry is not None and "sha256" in entry]
+    if not checks:
         raise ReproError(
-            f"no sha256 recorded for teacher {arch!r} in {lock_path}; run repro.teachers.fetch_teachers "
+            f"no sha256 recorded for teacher {arch!r} in {lock_path}; run `repro teachers fetch` "
             f"(it records the hash of each checkpoint it downloads or finds) before using {path}"
         )
     actual = sha256_file(path)
-    if actual != entry["sha256"]:
-        raise ReproError(
-            f"teacher checkpoint {path} for {arch!r} fails its sha256 check: expected {entry['sha256']} "
-            f"(recorded in {lock_path} from {entry.get('source', 'unknown source')}), got {actual}. "
-            "The file is corrupt or not the recorded checkpoint; delete it and fetch it again."
-        )
+    for where, entry in checks:
+        if actual != entry["sha256"]:
+            raise ReproError(
+                f"teacher checkpoint {path} for {arch!r} fails its sha256 check: expected {entry['sha256']} "
+                f"(recorded in {where} from {entry.get('source', 'unknown source')}), got {actual}. "
+                "The file is corrupt or not the recorded checkpoint; delete it and fetch it again."
+            )
     return actual
 
 
@@ -234,23 +290,28 @@ class _DownloadError(Exception):
 def fetch_teachers(
     dest_dir: str | os.PathLike[str],
     archs: Sequence[str] = TEACHER_ARCHS,
-    lock_path: str | os.PathLike[str] = DEFAULT_LOCK_PATH,
+    lock_path: str | os.PathLike[str] | None = None,
     urls: Sequence[str] = DEFAULT_SOURCES,
 ) -> dict[str, Path]:
     """Make ``<dest_dir>/<arch>_vanilla/ckpt_epoch_240.pth`` present and verified for every arch.
 
     Missing files are downloaded from ``urls`` in order (tar bundles, or per-file templates with ``{arch}``).
-    A file with no lock entry (first download, or placed by hand) gets its sha256 recorded in ``lock_path``;
-    a file with an entry must match it. Returns ``{arch: path}``.
+    A file with a published checksum (shipped lock) must match it. A file with no entry in the user lock
+    (``lock_path``, default ``<dest_dir>/teachers.lock.json``; first download, or placed by hand) gets its sha256
+    recorded there; a file with an entry must match it. Returns ``{arch: path}``.
     """
     dest = Path(dest_dir)
+    lock_path = Path(lock_path) if lock_path is not None else user_lock_path(dest)
+    _write_lock_allowed(lock_path)  # before any download
     sources = _download_missing(dest, list(archs), list(urls))
     lock = read_lock(lock_path)
+    published = read_lock(SHIPPED_LOCK_PATH)
     for arch in archs:
         path = teacher_path(arch, dest)
-        if arch in lock:
+        if arch in lock or arch in published:
             verify_teacher(arch, path, lock_path)
-            continue
+            if arch in lock:
+                continue
         lock[arch] = {
             "file": path.relative_to(dest).as_posix(),
             "sha256": sha256_file(path),

@@ -144,7 +144,9 @@ def evaluate(model: nn.Module, loader: Any, autocast: Callable[[], Any] = nullco
     """
     was_training = model.training
     model.eval()
-    counts = torch.zeros(3, dtype=torch.float64)  # correct top-1, correct top-5, images
+    # Hits are summed on the device and read once at the end (a per-batch int() would stall the GPU's queue).
+    hits_sum: Optional[torch.Tensor] = None  # correct top-1, correct top-5
+    images = 0
     for batch in loader:
         if batch.labels.numel() == 0:
             continue  # a rank's share of a batch smaller than the world
@@ -154,11 +156,16 @@ def evaluate(model: nn.Module, loader: Any, autocast: Callable[[], Any] = nullco
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         hits = top.eq(batch.labels.view(-1, 1))
-        counts += torch.tensor([int(hits[:, 0].sum()), int(hits.any(dim=1).sum()), int(batch.labels.numel())],
-                               dtype=torch.float64)
+        batch_hits = torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()]).to(torch.float64)
+        hits_sum = batch_hits if hits_sum is None else hits_sum + batch_hits
+        images += int(batch.labels.numel())  # a shape: no device read
     model.train(was_training)
+    if hits_sum is None:
+        hits_sum = torch.zeros(2, dtype=torch.float64)
+    counts = torch.cat([hits_sum.to(torch.float64),
+                        torch.tensor([float(images)], dtype=torch.float64, device=hits_sum.device)])
     if sharded:
-        counts = all_reduce_sum(counts.to(_collective_device(loader))).cpu()
+        counts = all_reduce_sum(counts.to(_collective_device(loader)))
     correct1, correct5, total = (int(c) for c in counts.tolist())
     if total == 0:
         raise ReproError("the test set is empty")
@@ -180,10 +187,16 @@ def _collective_device(loader: Any) -> torch.device:
     return device if device.type == "cuda" else torch.device("cpu")
 
 
-def mean_entropy(logits: torch.Tensor) -> float:
-    """The student's mean predictive entropy H(q) over a batch (nats); WTTM Figure 1 plots it per epoch."""
+def batch_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """The student's mean predictive entropy H(q) over a batch (nats), a 0-d float32 tensor on the logits' device
+    (the training loop sums it there and reads it once per epoch); WTTM Figure 1 plots it per epoch."""
     log_q = F.log_softmax(logits.detach().float(), dim=1)
-    return float(-(log_q.exp() * log_q).sum(dim=1).mean())
+    return -(log_q.exp() * log_q).sum(dim=1).mean()
+
+
+def mean_entropy(logits: torch.Tensor) -> float:
+    """``batch_entropy`` as a Python float (a host read: not for the training loop)."""
+    return float(batch_entropy(logits))
 
 
 # -- one run -------------------------------------------------------------------------------------------------
@@ -420,42 +433,49 @@ class Trainer:
         return {name: report for name, term in self.distiller.terms.items() if (report := term.report())}
 
     def _train_epoch(self, epoch: int, bar: Any) -> tuple[dict[str, float], int]:
-        """One epoch; returns the loss sums (weighted by images) and the images seen, over all ranks."""
+        """One epoch; returns the loss sums (weighted by images) and the images seen, over all ranks.
+
+        Nothing is read back from the device inside the loop (small CIFAR models are launch-bound on a GPU, and
+        every ``float()``/``bool()`` of a device tensor waits for the whole queue): the loss sums, the entropy and
+        the first non-finite step are kept on the device (``EpochAccumulator``) and read once, at the end of the
+        epoch. A non-finite loss therefore fails the run at the end of its epoch, with the epoch, step and loss
+        values of the first non-finite step, before anything of that epoch is evaluated or checkpointed.
+        """
         self.train_step.train()
         self.train_loader.set_epoch(epoch)
-        sums: dict[str, float] = {}
+        acc = EpochAccumulator(self.device)
         n_images = 0
-        for step, batch in enumerate(self.train_loader):
-            batch.epoch = epoch
-            self.scheduler.step_update((epoch - 1) * self.steps_per_epoch + step)  # per-step schedules only
-            self.optimizer.zero_grad(set_to_none=True)
-            global_count = self._global_count(batch, step)
-            micro_batches = distributed.split_batch(batch, self.mapping.grad_accum_steps)
-            for number, micro in enumerate(micro_batches):
-                # DDP all-reduces gradients on the last micro-batch's backward only.
-                syncing = number == len(micro_batches) - 1 or not self.par.distributed
-                with nullcontext() if syncing else self.train_step.no_sync():
-                    b, losses, total, logits = self._micro_step(micro, global_count, epoch, step)
-                n_images += b
-                for name, value in losses.items():
-                    sums[name] = sums.get(name, 0.0) + float(value.detach()) * b
-                sums["total"] = sums.get("total", 0.0) + float(total.detach()) * b
-                sums["entropy"] = sums.get("entropy", 0.0) + mean_entropy(logits) * b
-            if self.recipe.clip_grad_norm:
-                nn.utils.clip_grad_norm_(self.student.parameters(), self.recipe.clip_grad_norm)
-            self.optimizer.step()
-            bar.update(1)
-        return self._reduce_sums(sums, n_images)
+        try:
+            for step, batch in enumerate(self.train_loader):
+                batch.epoch = epoch
+                self.scheduler.step_update((epoch - 1) * self.steps_per_epoch + step)  # per-step schedules only
+                self.optimizer.zero_grad(set_to_none=True)
+                global_count = self._global_count(batch, step)
+                micro_batches = distributed.split_batch(batch, self.mapping.grad_accum_steps)
+                for number, micro in enumerate(micro_batches):
+                    # DDP all-reduces gradients on the last micro-batch's backward only.
+                    syncing = number == len(micro_batches) - 1 or not self.par.distributed
+                    with nullcontext() if syncing else self.train_step.no_sync():
+                        b, losses, total, logits = self._micro_step(micro, global_count, epoch, step)
+                    n_images += b
+                    acc.add(step + 1, b, losses, total, batch_entropy(logits))
+                if self.recipe.clip_grad_norm:
+                    nn.utils.clip_grad_norm_(self.student.parameters(), self.recipe.clip_grad_norm)
+                self.optimizer.step()
+                bar.update(1)
+        except Exception as error:
+            # After a non-finite step the weights are NaN and some later operation may raise: the loss is the cause.
+            acc.raise_if_non_finite(epoch, from_error=error)
+            raise
+        sums, n_images, failed_elsewhere = self._reduce_sums(*acc.read(), n_images)
+        acc.raise_if_non_finite(epoch, failed_elsewhere=failed_elsewhere)
+        return sums, n_images
 
     def _micro_step(self, micro: Any, global_count: int, epoch: int,
                     step: int) -> tuple[int, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         with self._autocast():
             logits, losses = self.train_step(micro)
         total = sum(losses.values())
-        if distributed.any_rank(not bool(torch.isfinite(total)), self.device):
-            values = {k: float(v.detach()) for k, v in losses.items()}
-            raise RunFailed(f"non-finite loss at epoch {epoch}, step {step + 1}: {values}",
-                            epoch=epoch, step=step + 1, losses=values)
         b = int(micro.labels.numel())
         # Each slice's mean loss, scaled so that DDP's average over ranks (and the sum over micro-batches) is the
         # mean over the global batch: exactly 1 when the batch splits evenly and nothing accumulates.
@@ -469,13 +489,71 @@ class Trainer:
             return int(batch.labels.numel())
         return int(self.train_loader.global_batch_size(step))
 
-    def _reduce_sums(self, sums: dict[str, float], n_images: int) -> tuple[dict[str, float], int]:
+    def _reduce_sums(self, sums: dict[str, float], local_failed: bool,
+                     n_images: int) -> tuple[dict[str, float], int, bool]:
+        """Sums and image counts over ranks, and whether another rank saw a non-finite loss: one all-reduce per
+        epoch carries all three (no per-step collective)."""
         if not self.par.distributed:
-            return sums, n_images
+            return sums, n_images, False
         names = sorted(sums)  # every rank runs the same terms, hence the same keys
-        values = torch.tensor([sums[k] for k in names] + [float(n_images)], dtype=torch.float64)
+        values = torch.tensor([sums[k] for k in names] + [float(n_images), float(local_failed)], dtype=torch.float64)
         values = all_reduce_sum(values.to(self.device if self.device.type == "cuda" else "cpu")).cpu().tolist()
-        return dict(zip(names, values[:-1])), int(values[-1])
+        return dict(zip(names, values[:-2])), int(values[-2]), values[-1] > 0 and not local_failed
+
+
+class EpochAccumulator:
+    """Per-epoch loss sums and the first non-finite step, kept on the device; ``read`` is the one host read.
+
+    Sums are float64 (``value.double() * images``, as the host sum of ``float(value) * images`` was), so the
+    recorded means do not depend on where they were added up.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
+        self.bad_step: Optional[torch.Tensor] = None  # 1-based step of the first non-finite total loss, or 0
+        self.bad_values: dict[str, torch.Tensor] = {}  # the loss terms at that step
+        self.host: Optional[dict[str, float]] = None
+        self.host_bad_step = 0
+
+    def add(self, step: int, images: int, losses: dict[str, torch.Tensor], total: torch.Tensor,
+            entropy: torch.Tensor) -> None:
+        values = {**{name: value.detach() for name, value in losses.items()}, "total": total.detach(),
+                  "entropy": entropy.detach()}
+        for name, value in values.items():
+            weighted = value.to(torch.float64) * images
+            self.sums[name] = weighted if name not in self.sums else self.sums[name] + weighted
+        if self.bad_step is None:
+            self.bad_step = torch.zeros((), dtype=torch.int64, device=total.device)
+        first = torch.logical_and(~torch.isfinite(total.detach()), self.bad_step == 0)
+        self.bad_step = torch.where(first, torch.full_like(self.bad_step, step), self.bad_step)
+        for name, value in losses.items():
+            value = value.detach().to(torch.float64)
+            old = self.bad_values.get(name)
+            self.bad_values[name] = torch.where(first, value, value if old is None else old)
+
+    def read(self) -> tuple[dict[str, float], bool]:
+        """(sums, whether a non-finite loss occurred) as host values: one device read for the whole epoch."""
+        if self.host is None:
+            names = list(self.sums)
+            if not names:
+                self.host, self.host_bad_step = {}, 0
+            else:
+                packed = torch.stack([self.sums[n] for n in names] + [self.bad_step.to(torch.float64)]).tolist()
+                self.host, self.host_bad_step = dict(zip(names, packed[:-1])), int(packed[-1])
+        return self.host, self.host_bad_step > 0
+
+    def raise_if_non_finite(self, epoch: int, failed_elsewhere: bool = False,
+                            from_error: Optional[BaseException] = None) -> None:
+        _, failed = self.read()
+        if failed:
+            step = self.host_bad_step
+            names = list(self.bad_values)
+            values = dict(zip(names, torch.stack([self.bad_values[n] for n in names]).tolist() if names else []))
+            raise RunFailed(f"non-finite loss at epoch {epoch}, step {step}: {values}",
+                            epoch=epoch, step=step, losses=values) from from_error
+        if failed_elsewhere:
+            raise RunFailed(f"non-finite loss at epoch {epoch} on another process", epoch=epoch)
 
 
 def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> int:

@@ -146,3 +146,25 @@ def test_standard_pipeline_trains_on_the_short_last_batch(folder):
     assert len(deit) == n // 10
     with pytest.raises(ReproError, match="drop_last must stay true"):
         build_folder_pipeline("deit", folder, 32, 10, seed=0, device="cpu", drop_last=False)
+
+
+def _epoch_images(loader, epoch):
+    loader.set_epoch(epoch)
+    return [(b.indices.clone(), b.images.clone()) for b in loader]
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(torch.equal(i, j) and torch.equal(x, y) for (i, x), (j, y) in zip(a, b))
+
+
+def test_persistent_workers_give_each_epoch_the_same_batches_as_fresh_ones_and_a_resume(folder):
+    persistent = build_folder_pipeline("imagenet_standard", folder, 32, 8, seed=3, device="cpu", workers=2)[0]
+    assert persistent.loader.persistent_workers
+    epochs = {e: _epoch_images(persistent, e) for e in (1, 2, 3)}
+    assert not _same(epochs[1], epochs[2])  # a new order and new crops each epoch
+    resumed = build_folder_pipeline("imagenet_standard", folder, 32, 8, seed=3, device="cpu", workers=2)[0]
+    assert _same(_epoch_images(resumed, 2), epochs[2])  # fresh workers, started at epoch 2 (a resume)
+    in_process = build_folder_pipeline("imagenet_standard", folder, 32, 8, seed=3, device="cpu", workers=0)[0]
+    rng = torch.get_rng_state()
+    assert _same(_epoch_images(in_process, 3), epochs[3])  # and without workers at all
+    assert torch.equal(torch.get_rng_state(), rng)  # the process's own RNG stream is left as it was

@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 
 from repro.data import ImageTensorDataset
-from repro.data.loader import TensorLoader, apply_views, identity_views, normalize, num_views, sample_views
+from repro.data.loader import (TensorLoader, apply_views, identity_views, normalize, num_views, sample_views,
+                               view_ids)
 from repro.data.teacher_cache import TeacherCache, cached_teacher_fn, checkpoint_key, fill_cache
 from repro.errors import ReproError
 from repro.methods import Batch, Distiller, TermContext, get_term
@@ -194,3 +195,70 @@ def test_feature_requests_and_bad_files_are_repro_errors(tmp_path: Path, dataset
     checkpoint.write_bytes(b"weights")
     assert checkpoint_key(checkpoint) != checkpoint_key(checkpoint, extra="amp")
     assert np.dtype(cache.dtype) == np.float32
+
+
+def _flag_without_logits(cache: TeacherCache, index: int, views: torch.Tensor) -> None:
+    """What a reader on another node can see over NFS: the entry's flag, but not (yet) its logits."""
+    ids = view_ids(views).numpy()
+    flags = np.memmap(cache.path, dtype=np.uint8, mode="r+", shape=(NUM_IMAGES, num_views()))
+    flags[index, ids[0]] = 1
+    flags.flush()
+
+
+def test_a_flag_without_its_logits_is_a_miss_not_a_uniform_teacher(tmp_path: Path, dataset: ImageTensorDataset) -> None:
+    teacher = CountingNet(seed=2)
+    cache = _open(tmp_path, dtype="float16")
+    loader = TensorLoader(dataset, NUM_IMAGES, MEAN, STD, train=True, augment=True, seed=1, device="cpu")
+    batch = next(iter(loader))
+    _flag_without_logits(cache, int(batch.indices[0]), batch.views[:1])
+    reader = _open(tmp_path, dtype="float16")  # a second handle: another process reading the same file
+    assert not reader.filled(batch.indices[:1], batch.views[:1]).any()
+    fn = cached_teacher_fn(reader, teacher, "cpu")
+    logits, _ = fn(batch, False, False)
+    with torch.no_grad():
+        live = teacher.eval()(batch.images).float()
+    assert fn.misses == NUM_IMAGES and fn.hits == 0  # the flagged entry was recomputed by the live teacher
+    torch.testing.assert_close(logits, reader.round(live), rtol=0, atol=0)
+    assert logits[0].abs().sum() > 0  # never served as zeros
+    assert reader.filled(batch.indices, batch.views).all()  # and written again, now with its checksum
+
+
+def test_a_torn_entry_is_a_miss(tmp_path: Path) -> None:
+    cache = _open(tmp_path)
+    logits = torch.randn(2, NUM_CLASSES)
+    cache.store(torch.tensor([3, 4]), None, logits)
+    assert cache.lookup(torch.tensor([3, 4]), None)[1].tolist() == [True, True]
+    # Half of entry 3's logits from an older state of the file (a torn write seen by another node).
+    raw = np.memmap(cache.path, dtype=np.float32, mode="r+", offset=TeacherCache._logits_offset(cache.keys),
+                    shape=(NUM_IMAGES, num_views(), NUM_CLASSES))
+    centre = int(view_ids(identity_views(1))[0])
+    raw[3, centre, : NUM_CLASSES // 2] = 0.0
+    raw.flush()
+    values, hit = _open(tmp_path).lookup(torch.tensor([3, 4]), None)
+    assert hit.tolist() == [False, True]
+    assert torch.equal(values[0], torch.zeros(NUM_CLASSES)) and torch.equal(values[1], logits[1])
+
+
+def test_read_only_jobs_compute_misses_live_without_writing(tmp_path: Path, dataset: ImageTensorDataset) -> None:
+    teacher = CountingNet(seed=3)
+    writer = _open(tmp_path)
+    fill_cache(writer, teacher, dataset, MEAN, STD, "cpu")
+    writer.close()
+    reader = TeacherCache.open(tmp_path, teacher_key="teacher-a", data_fingerprint="d0", normalization=(MEAN, STD),
+                               num_images=NUM_IMAGES, num_classes=NUM_CLASSES, dtype="float32", readonly=True)
+    _corrupt_checksum(reader, 0)
+    loader = TensorLoader(dataset, NUM_IMAGES, MEAN, STD, train=False, augment=False, seed=0, device="cpu")
+    batch = next(iter(loader))
+    fn = cached_teacher_fn(reader, teacher, "cpu")
+    before = teacher.images_seen
+    logits, _ = fn(batch, False, False)
+    assert fn.misses == 1 and teacher.images_seen == before + 1  # the bad entry only, computed live
+    with torch.no_grad():
+        torch.testing.assert_close(logits[:1], teacher.eval()(batch.images[:1]).float(), rtol=1e-5, atol=1e-5)
+
+
+def _corrupt_checksum(cache: TeacherCache, index: int) -> None:
+    sums = np.memmap(cache.path, dtype=np.uint32, mode="r+", offset=TeacherCache._checksums_offset(cache.keys),
+                     shape=(NUM_IMAGES, num_views()))
+    sums[index, int(view_ids(identity_views(1))[0])] ^= 1
+    sums.flush()

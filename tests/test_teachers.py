@@ -14,7 +14,7 @@ from repro.errors import ReproError
 from repro.models import MODELS, create_model, model_names
 from repro.teachers import (
     BUNDLE_URL,
-    DEFAULT_LOCK_PATH,
+    SHIPPED_LOCK_PATH,
     EXPECTED_TEACHER_TOP1,
     TEACHER_ARCHS,
     fetch_teachers,
@@ -261,9 +261,125 @@ def test_verify_without_lock_entry_is_refused(tmp_path: Path) -> None:
 
 
 def test_shipped_lock_and_expected_accuracies() -> None:
-    lock = read_lock(DEFAULT_LOCK_PATH)
+    lock = read_lock(SHIPPED_LOCK_PATH)
     for arch, entry in lock.items():  # empty until the first real download; then every entry is complete
         assert arch in TEACHER_ARCHS and set(entry) == {"file", "sha256", "source"}
     assert set(TEACHER_ARCHS) == {"wrn_40_2", "resnet56", "resnet110", "resnet32x4", "vgg13", "ResNet50"}
     assert set(EXPECTED_TEACHER_TOP1) <= set(model_names())
     assert EXPECTED_TEACHER_TOP1["resnet32x4"] == 79.42 and EXPECTED_TEACHER_TOP1["ResNet50"] == 79.34
+
+
+# ------------------------------------------------------------------------------- where the locks and files live
+
+
+def test_the_user_lock_lives_next_to_the_teachers_and_the_shipped_one_is_never_written(tmp_path: Path,
+                                                                                        bundle) -> None:
+    url, _ = bundle
+    shipped = SHIPPED_LOCK_PATH.read_bytes()
+    dest = tmp_path / "teachers"
+    paths = fetch_teachers(dest, archs=["resnet56"], urls=[url])  # no lock_path: the teacher root's
+    lock = read_lock(dest / "teachers.lock.json")
+    assert lock["resnet56"]["sha256"] == sha256_file(paths["resnet56"])
+    assert verify_teacher("resnet56", paths["resnet56"]) == lock["resnet56"]["sha256"]  # found beside the file
+    assert SHIPPED_LOCK_PATH.read_bytes() == shipped
+    with pytest.raises(ReproError, match="shipped with the package"):
+        fetch_teachers(tmp_path / "other", archs=["resnet56"], lock_path=SHIPPED_LOCK_PATH, urls=[url])
+    assert SHIPPED_LOCK_PATH.read_bytes() == shipped
+
+
+def test_a_published_checksum_binds_every_download(tmp_path: Path, bundle, monkeypatch) -> None:
+    import repro.teachers as teachers
+
+    url, _ = bundle
+    published = tmp_path / "published.lock.json"
+    published.write_text(json.dumps({"resnet56": {"file": "resnet56_vanilla/ckpt_epoch_240.pth",
+                                                  "sha256": "f" * 64, "source": "a publisher"}}))
+    monkeypatch.setattr(teachers, "SHIPPED_LOCK_PATH", published)
+    dest = tmp_path / "teachers"
+    with pytest.raises(ReproError, match="expected f{64}"):  # the first download no longer defines the lock
+        fetch_teachers(dest, archs=["resnet56"], urls=[url])
+    assert not (dest / "teachers.lock.json").exists()
+    assert teachers.lock_origin("resnet56") == "published checksum"
+    assert "first download defined the lock" in teachers.lock_origin("vgg13")
+
+
+def test_one_teacher_root_for_fetch_and_plan(tmp_path: Path, monkeypatch) -> None:
+    import repro.teachers as teachers
+    from repro.cli import main
+    from repro.plan import make_plan, teachers_root
+    from repro.spec import load_spec
+
+    root = tmp_path / "elsewhere"
+    monkeypatch.setenv("REPRO_TEACHERS", str(root))
+    fetched = []
+    monkeypatch.setattr(teachers, "fetch_teachers", lambda dest, **_: fetched.append(Path(dest)) or {})
+    assert main(["teachers", "fetch"]) == 0
+    spec = load_spec("wttm/cifar100-table1")
+    assert fetched == [root.resolve()] == [teachers_root(spec.recipe_for("full"))]
+    checkpoint = next(r for r in make_plan(spec, "full", 1).ordered() if r.config["kind"] == "eval").config["checkpoint"]
+    assert Path(checkpoint["path"]).is_absolute() and Path(checkpoint["path"]).parent.parent == root.resolve()
+    assert checkpoint["lock"] == str(root.resolve() / "teachers.lock.json")
+
+
+def _teacher_runs(spec_id: str = "wttm/cifar100-table1") -> dict:
+    from repro.plan import make_plan
+    from repro.spec import load_spec
+
+    plan = make_plan(load_spec(spec_id), "full", 1)
+    return {r.config["model"]["arch"]: r for r in plan.ordered() if r.config["kind"] == "eval"}
+
+
+def test_run_ids_do_not_depend_on_where_the_teachers_are_but_on_their_sha256(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("REPRO_TEACHERS", str(tmp_path / "a"))
+    at_a = _teacher_runs()
+    monkeypatch.setenv("REPRO_TEACHERS", str(tmp_path / "b"))
+    at_b = _teacher_runs()
+    assert {a: r.run_id for a, r in at_a.items()} == {a: r.run_id for a, r in at_b.items()}
+    assert at_a["resnet56"].config["checkpoint"]["path"] != at_b["resnet56"].config["checkpoint"]["path"]
+    assert at_a["resnet56"].config["checkpoint"]["sha256"] is None
+    # The hash, once known (here from the lock, the file itself still absent), is part of the identity.
+    lock = {"resnet56": {"file": "resnet56_vanilla/ckpt_epoch_240.pth", "sha256": "a" * 64, "source": "test"}}
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "teachers.lock.json").write_text(json.dumps(lock))
+    locked = _teacher_runs()
+    assert locked["resnet56"].config["checkpoint"]["sha256"] == "a" * 64
+    assert locked["resnet56"].run_id != at_b["resnet56"].run_id
+    assert locked["vgg13"].run_id == at_b["vgg13"].run_id  # other teachers are unaffected
+    # And with the file present, its own hash.
+    path = save_checkpoint_repdistiller(create_model("resnet56"), teacher_path("resnet56", tmp_path / "b"))
+    assert _teacher_runs()["resnet56"].config["checkpoint"]["sha256"] == sha256_file(path)
+
+
+def test_a_run_refuses_a_checkpoint_that_changed_after_planning(tmp_path: Path, monkeypatch) -> None:
+    from repro.runner import load_eval_model
+
+    root = tmp_path / "teachers"
+    monkeypatch.setenv("REPRO_TEACHERS", str(root))
+    path = save_checkpoint_repdistiller(randomised(create_model("resnet56"), 0), teacher_path("resnet56", root))
+    fetch_teachers(root, archs=["resnet56"], urls=[])  # pins the hand-placed file in the root's lock
+    run = _teacher_runs()["resnet56"]
+    _, key = load_eval_model(run.config)
+    assert key == sha256_file(path) == run.config["checkpoint"]["sha256"]
+    save_checkpoint_repdistiller(randomised(create_model("resnet56"), 1), path)
+    lock = read_lock(root / "teachers.lock.json")
+    lock["resnet56"]["sha256"] = sha256_file(path)  # even with the lock rewritten by hand
+    (root / "teachers.lock.json").write_text(json.dumps(lock))
+    with pytest.raises(ReproError, match="planned for"):
+        load_eval_model(run.config)
+
+
+def test_tables_say_what_pins_the_teacher_checkpoints(tmp_path: Path, monkeypatch) -> None:
+    from repro.plan import make_plan
+    from repro.render.tables import stamp_lines
+    from repro.spec import load_spec
+
+    root = tmp_path / "teachers"
+    monkeypatch.setenv("REPRO_TEACHERS", str(root))
+    path = save_checkpoint_repdistiller(create_model("resnet56"), teacher_path("resnet56", root))
+    plan = make_plan(load_spec("wttm/cifar100-table1"), "full", 1)
+    line = stamp_lines("full", [plan], [], "test")[-1]
+    assert line.startswith("> Teacher checkpoints (sha256): ")
+    assert f"resnet56 `{sha256_file(path)[:12]}`" in line and "vgg13 (not downloaded when planned)" in line
+    assert "the first download defined the lock; the accuracy gate is the check" in line and "±0.5" in line
+    smoke = make_plan(load_spec("wttm/cifar100-table1"), "smoke", 1)  # trained teachers: nothing to pin
+    assert not any("Teacher checkpoints" in x for x in stamp_lines("smoke", [smoke], [], "test"))

@@ -162,9 +162,9 @@ class TensorLoader:
 
     def batches(self, start: int = 0) -> Iterator[Batch]:
         """This epoch's batches from batch number ``start`` on (0-based; resuming mid-epoch skips the rest)."""
-        order, views = self.epoch_plan()
-        order = order.to(self.device)
-        views = views.to(self.device) if views is not None else None
+        host_order, host_views = self.epoch_plan()
+        order = host_order.to(self.device)
+        views = host_views.to(self.device) if host_views is not None else None
         for number in range(start, len(self)):
             lo, hi = number * self.batch_size, min((number + 1) * self.batch_size, order.shape[0])
             if self.world_size > 1:
@@ -172,7 +172,10 @@ class TensorLoader:
                 base, extra = divmod(hi - lo, self.world_size)
                 lo += self.rank * base + min(self.rank, extra)
                 hi = lo + base + (1 if self.rank < extra else 0)
-            yield self._make_batch(order[lo:hi], views[lo:hi] if views is not None else None)
+            batch = self._make_batch(order[lo:hi], views[lo:hi] if views is not None else None)
+            batch.host_indices = host_order[lo:hi]
+            batch.host_views = host_views[lo:hi] if host_views is not None else None
+            yield batch
 
     def __iter__(self) -> Iterator[Batch]:
         return self.batches()

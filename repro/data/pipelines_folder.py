@@ -19,10 +19,13 @@ Two recipes, registered in ``FOLDER_RECIPES``:
 With mixup and cutmix off, a positive ``smoothing`` is applied here as smoothed one-hot soft targets
 (identical to DeiT's ``LabelSmoothingCrossEntropy``), so the ``ce`` term needs no smoothing of its own.
 
-Randomness: the sampler order depends on (seed, epoch) only; DataLoader workers are seeded from a generator
-seeded the same way, so with the same worker count the per-image augmentations repeat too. Mixup/CutMix (timm)
-draws from numpy's global RNG in the main process, and with ``workers=0`` so do the per-image transforms
-(the process's global RNGs, seeded by the runner).
+Randomness: the sampler order depends on (seed, epoch) only, and so does every training image's augmentation:
+the sampler hands each position of the epoch its own seed (drawn from (seed, epoch, rank)), and the image is
+transformed under that seed (python, numpy and torch RNGs; the main process's own RNG states are restored
+after each image). An epoch's batches are therefore the same with any number of workers, with workers that
+persist across epochs (``persistent_workers``: no re-fork per epoch) or fresh ones, and after a resume at that
+epoch. Mixup/CutMix (timm) draws from numpy's global RNG in the main process (seeded by the runner, saved in
+checkpoints).
 """
 from __future__ import annotations
 
@@ -30,16 +33,20 @@ import hashlib
 import json
 import math
 import os
+import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
 
 import torch
 import torch.distributed as dist
 from timm.data import Mixup, create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch import Tensor
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
@@ -208,13 +215,76 @@ class _SeededRepeatAugSampler(RepeatAugSampler):
         super().set_epoch(_epoch_seed(self.seed, epoch))
 
 
+class SeededSampler(Sampler[tuple[int, int]]):
+    """Yields ``(index, seed)``: the wrapped sampler's order, and one seed per position of the epoch drawn from
+    (run seed, epoch, rank), so that each image's augmentation is a pure function of the epoch, whichever worker
+    (fresh or persistent) transforms it."""
+
+    def __init__(self, sampler: Sampler[int], seed: int, rank: int = 0) -> None:
+        self.sampler, self.seed, self.rank = sampler, int(seed), int(rank)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = list(iter(self.sampler))
+        digest = hashlib.sha256(f"repro.folder:{self.seed}:{self.epoch}:{self.rank}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+        seeds = torch.randint(0, 2**62, (len(order),), generator=generator).tolist()
+        return iter(zip(order, seeds))
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Run with python/numpy/torch RNGs seeded by ``seed``; the caller's states are put back afterwards."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.random.default_generator.manual_seed(seed)  # the CPU generator only: CUDA's stream stays the run's
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
+class SeededDataset(Dataset):
+    """``dataset[index]`` transformed under the seed a ``SeededSampler`` paired with it."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        with _seeded(seed):
+            return self.dataset[index]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
 class FolderLoader:
-    """Iterates ``Batch`` objects on ``device``; ``set_epoch(epoch)`` (1-based) reshuffles and stamps batches."""
+    """Iterates ``Batch`` objects on ``device``; ``set_epoch(epoch)`` (1-based) reshuffles and stamps batches.
+
+    Training loaders transform each image under its own seed (``SeededSampler``), so their workers can persist
+    across epochs; with ``workers > 0`` they do (no re-fork, no re-import of the dataset each epoch).
+    """
 
     def __init__(self, dataset: IndexedImageFolder, batch_size: int, sampler: Sampler, workers: int,
                  device: torch.device, seed: int, train: bool, num_classes: int,
                  mixup: Optional[dict[str, Any]] = None, smoothing: float = 0.0, drop_last: bool = False) -> None:
         self.dataset = dataset
+        loaded: Any = dataset
+        if train:
+            sampler = SeededSampler(sampler, seed, rank=getattr(sampler, "rank", 0))
+            loaded = SeededDataset(dataset)
         self.sampler = sampler
         self.device = torch.device(device)
         self.seed = seed
@@ -224,9 +294,9 @@ class FolderLoader:
         self.epoch = 1
         self.mixup = Mixup(num_classes=num_classes, **mixup) if mixup else None
         self._generator = torch.Generator()
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+        self.loader = DataLoader(loaded, batch_size=batch_size, sampler=sampler, num_workers=workers,
                                  pin_memory=self.device.type == "cuda", drop_last=drop_last,
-                                 persistent_workers=False, generator=self._generator)
+                                 persistent_workers=workers > 0, generator=self._generator)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -260,7 +330,8 @@ class FolderLoader:
             hard = labels.clone()
             images, targets = self._targets(images, labels)
             yield Batch(images=images, targets=targets, labels=hard,
-                        indices=indices.to(self.device, non_blocking=non_blocking), epoch=self.epoch)
+                        indices=indices.to(self.device, non_blocking=non_blocking), epoch=self.epoch,
+                        host_indices=indices)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -10,9 +10,18 @@ hash (plus anything else that changes its numerics, e.g. autocast: fold it into 
 fingerprint and the normalisation. A changed teacher or data file therefore opens a different file; a JSON
 sidecar records the keys in plain text.
 
-File layout: a filled flag per (image, view) as uint8 [N, V], then the logits [N, V, K] in float16 or float32
-(float16 for CIFAR-100 is 50000 x 162 x 100 x 2 bytes, about 1.6 GB, sparse until filled). A writer stores the
-logits before it sets the flag, so concurrent readers see either a miss or a complete entry.
+File layout (format 2): a filled flag per (image, view) as uint8 [N, V], a checksum per entry as uint32 [N, V],
+then the logits [N, V, K] in float16 or float32 (float16 for CIFAR-100 is 50000 x 162 x 100 x 2 bytes, about
+1.6 GB, sparse until filled). A writer stores the logits, then the checksum, then the flag. Several writers on
+several nodes share one file (often over NFS), and neither NFS nor a weakly ordered CPU guarantees that a reader
+sees those writes in that order: a flag may be visible before its logits (which then read as zeros, a uniform
+teacher). So a lookup serves an entry only when its checksum matches the logits it reads (the checksum also
+covers the entry's position, so zeros never match); any other entry is a miss, recomputed by the live teacher
+and written again. ``TeacherCache.open(..., readonly=True)`` gives jobs that only read (after
+``repro teachers cache``); their misses are computed live and not stored.
+
+Lookups take the batch's host copies of indices and views (``Batch.host_indices``/``host_views``) when the
+loader provides them, so a warm cache reads nothing back from the device.
 
 Returned logits are always the cache-dtype values (live results are rounded the same way), so a run's numbers do
 not depend on whether the cache was cold or warm.
@@ -37,7 +46,7 @@ from repro.data.loader import (PADDING, apply_views, channel_stats, identity_vie
 from repro.errors import ReproError
 from repro.methods.base import Batch
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: per-entry checksums
 DTYPES = {"float16": np.float16, "float32": np.float32}
 _ALIGN = 64  # the logits block starts on an aligned offset
 
@@ -59,6 +68,34 @@ def _normalization_json(normalization: Sequence[Any]) -> Any:
     return float(normalization)
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, elementwise on uint64 (wrapping arithmetic)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * _MIX1
+    x = x ^ (x >> np.uint64(27))
+    x = x * _MIX2
+    return x ^ (x >> np.uint64(31))
+
+
+def entry_checksums(logits: np.ndarray, rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """uint32 [B]: a hash of each entry's logit bytes and its (image, view) position.
+
+    Position-dependent, so an all-zero entry (never written, or a flag seen before its logits) does not match
+    a zero checksum, and an entry copied to the wrong place does not match either. Not cryptographic: it
+    detects torn and unordered writes, not tampering.
+    """
+    with np.errstate(over="ignore"):
+        words = np.ascontiguousarray(logits).view(np.uint16).reshape(logits.shape[0], -1).astype(np.uint64)
+        salt = (np.arange(1, words.shape[1] + 1, dtype=np.uint64) * _GOLDEN)[None, :]
+        position = rows.astype(np.uint64) * np.uint64(1_000_003) + ids.astype(np.uint64) + np.uint64(1)
+        hashed = _mix(_mix(words + salt + (position * _GOLDEN)[:, None]).sum(axis=1, dtype=np.uint64) + position)
+    return (hashed & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+
+
 class TeacherCache:
     """Memory-mapped logits of a frozen teacher for every (image, view); open with ``TeacherCache.open``."""
 
@@ -75,13 +112,20 @@ class TeacherCache:
         mode = "r" if readonly else "r+"
         shape = (self.num_images, self.num_views)
         self._flags = np.memmap(path, dtype=np.uint8, mode=mode, shape=shape)
+        self._checksums = np.memmap(path, dtype=np.uint32, mode=mode, offset=self._checksums_offset(self.keys),
+                                    shape=shape)
         self._logits = np.memmap(path, dtype=self.dtype, mode=mode, offset=self._logits_offset(self.keys),
                                  shape=(*shape, self.num_classes))
 
     @staticmethod
-    def _logits_offset(keys: dict[str, Any]) -> int:
+    def _checksums_offset(keys: dict[str, Any]) -> int:
         flags = int(keys["num_images"]) * int(keys["num_views"])
         return -(-flags // _ALIGN) * _ALIGN
+
+    @classmethod
+    def _logits_offset(cls, keys: dict[str, Any]) -> int:
+        end = cls._checksums_offset(keys) + int(keys["num_images"]) * int(keys["num_views"]) * 4
+        return -(-end // _ALIGN) * _ALIGN
 
     @classmethod
     def _file_size(cls, keys: dict[str, Any]) -> int:
@@ -154,26 +198,43 @@ class TeacherCache:
                              f"{cls._file_size(keys)} (truncated or corrupt); delete it")
 
     def _positions(self, indices: Tensor, views: Optional[Tensor]) -> tuple[np.ndarray, np.ndarray]:
-        """(image index, view id) arrays for the memmaps; views None means the unaugmented image."""
+        """(image index, view id) arrays for the memmaps; views None means the unaugmented image. Pass CPU
+        tensors (a batch's ``host_indices``/``host_views``) to avoid a device read."""
         indices = indices.detach().to("cpu", torch.int64)
         if views is None:
             views = identity_views(indices.shape[0], self.padding)
-        ids = view_ids(views.detach().to("cpu"), self.padding)
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.num_images):
+        rows, ids = indices.numpy(), view_ids(views.detach().to("cpu"), self.padding).numpy()
+        if rows.size and (rows.min() < 0 or rows.max() >= self.num_images):
             raise ReproError(f"teacher cache {self.path.name}: image index outside 0..{self.num_images - 1}")
-        return indices.numpy(), ids.numpy()
+        return rows, ids
+
+    def _valid(self, rows: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(valid bool [B], logits [B, K] in the cache dtype): an entry is valid when its flag is set and its
+        checksum matches the logits read (a flag seen before its logits, or a torn write, is not)."""
+        flagged = np.asarray(self._flags[rows, ids]) == 1
+        logits = np.zeros((rows.shape[0], self.num_classes), dtype=self.dtype)
+        valid = flagged.copy()
+        if flagged.any():
+            logits[flagged] = np.asarray(self._logits[rows[flagged], ids[flagged]])
+            expected = np.asarray(self._checksums[rows[flagged], ids[flagged]])
+            valid[flagged] = entry_checksums(logits[flagged], rows[flagged], ids[flagged]) == expected
+        return valid, logits
 
     def filled(self, indices: Tensor, views: Optional[Tensor]) -> Tensor:
-        """bool [B] on ``indices.device``: whether each (image, view) is cached."""
-        rows, ids = self._positions(indices, views)
-        return torch.from_numpy(np.asarray(self._flags[rows, ids]) == 1).to(indices.device)
+        """bool [B] on ``indices.device``: whether each (image, view) is cached (and its checksum holds)."""
+        valid, _ = self._valid(*self._positions(indices, views))
+        return torch.from_numpy(valid).to(indices.device)
+
+    def lookup_host(self, indices: Tensor, views: Optional[Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        """(logits float32 [B, K], hit bool [B]) as host arrays; rows that miss are zero."""
+        valid, logits = self._valid(*self._positions(indices, views))
+        logits = logits.astype(np.float32)
+        logits[~valid] = 0.0
+        return logits, valid
 
     def lookup(self, indices: Tensor, views: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         """(logits float32 [B, K], hit bool [B]) on ``indices.device``; rows that miss are zero."""
-        rows, ids = self._positions(indices, views)
-        hit = np.asarray(self._flags[rows, ids]) == 1  # flags first: a set flag guarantees complete logits
-        logits = np.zeros((rows.shape[0], self.num_classes), dtype=np.float32)
-        logits[hit] = np.asarray(self._logits[rows[hit], ids[hit]])
+        logits, hit = self.lookup_host(indices, views)
         return torch.from_numpy(logits).to(indices.device), torch.from_numpy(hit).to(indices.device)
 
     def round(self, logits: Tensor) -> Tensor:
@@ -190,8 +251,11 @@ class TeacherCache:
         rows, ids = self._positions(indices, views)
         values = logits.detach().to(self._torch_dtype).cpu().numpy()  # torch casts overflow to inf silently
         keep = np.isfinite(values).all(axis=1)
-        self._logits[rows[keep], ids[keep]] = values[keep]
-        self._flags[rows[keep], ids[keep]] = 1
+        rows, ids, values = rows[keep], ids[keep], values[keep]
+        # Logits, then checksum, then flag: a reader that sees them out of order gets a checksum mismatch (a miss).
+        self._logits[rows, ids] = values
+        self._checksums[rows, ids] = entry_checksums(values, rows, ids)
+        self._flags[rows, ids] = 1
 
     def filled_fraction(self) -> float:
         return float(np.count_nonzero(self._flags)) / max(1, self._flags.size)
@@ -199,11 +263,12 @@ class TeacherCache:
     def flush(self) -> None:
         if not self.readonly:
             self._logits.flush()
+            self._checksums.flush()
             self._flags.flush()
 
     def close(self) -> None:
         self.flush()
-        del self._logits, self._flags
+        del self._logits, self._checksums, self._flags
 
     def __enter__(self) -> "TeacherCache":
         return self
@@ -233,16 +298,21 @@ class CachedTeacher:
         if feats:
             raise ReproError("the teacher-output cache holds logits only; loss terms that need teacher features "
                              "must run with the live teacher (disable the teacher cache for this run)")
-        logits, hit = self.cache.lookup(batch.indices, batch.views)
-        logits, hit = logits.to(self.device), hit.to(self.device)
-        miss = (~hit).nonzero().squeeze(1)
+        # Host copies of the positions when the loader has them: a warm cache then reads nothing from the device.
+        indices = batch.host_indices if batch.host_indices is not None else batch.indices
+        views = batch.host_views if batch.host_views is not None else batch.views
+        logits_np, hit = self.cache.lookup_host(indices, views)
+        logits = torch.from_numpy(logits_np).to(self.device, non_blocking=True)
+        miss = np.flatnonzero(~hit)
         self.hits += int(hit.sum())
-        self.misses += int(miss.numel())
-        if miss.numel():
-            live = _teacher_logits(self.teacher, batch.images.to(self.device)[miss])
-            miss_views = batch.views.to(self.device)[miss] if batch.views is not None else None
-            self.cache.store(batch.indices.to(self.device)[miss], miss_views, live)
-            logits[miss] = self.cache.round(live)
+        self.misses += int(miss.size)
+        if miss.size:
+            miss_t = torch.from_numpy(miss)
+            live = _teacher_logits(self.teacher, batch.images[miss_t.to(batch.images.device)].to(self.device))
+            if not self.cache.readonly:  # a read-only job (after `repro teachers cache`) computes misses live only
+                miss_views = views[miss_t.to(views.device)] if views is not None else None
+                self.cache.store(indices[miss_t.to(indices.device)], miss_views, live)
+            logits[miss_t.to(self.device)] = self.cache.round(live)
         return logits, None
 
 

@@ -25,11 +25,23 @@ NCE_EPS = 1e-7  # RepDistiller's eps in the NCE denominators
 CONTRAST_MODES = ("exact", "relax")
 
 
-def _draw(weights: Tensor, count: int, generator: Optional[torch.Generator]) -> Tensor:
+def _draw(weights: Tensor, count: int, generator: Optional[torch.Generator],
+          candidate_bounds: Optional[tuple[int, int]] = None) -> Tensor:
     """``count`` draws per row of ``weights``; rows with fewer candidates than ``count`` draw with replacement
-    (RepDistiller: ``replace = k > len(cls_negative[target])``)."""
+    (RepDistiller: ``replace = k > len(cls_negative[target])``).
+
+    ``candidate_bounds`` (fewest, most) candidates any row can have, known on the host (from the class sizes):
+    when they decide the case for every row, nothing is read back from the device. The draws are the same
+    either way.
+    """
+    if candidate_bounds is not None:
+        fewest, most = candidate_bounds
+        if fewest >= count:
+            return torch.multinomial(weights, count, replacement=False, generator=generator)
+        if 0 < most < count:
+            return torch.multinomial(weights, count, replacement=True, generator=generator)
     candidates = (weights > 0).sum(dim=1)
-    fewest = int(candidates.min())  # the one host sync; CIFAR-100 (49500 negatives >= 16384) stops here
+    fewest = int(candidates.min())  # a host sync: only when class sizes straddle count (tiny data sets)
     if fewest == 0:
         raise ReproError("CRD: a training sample has no candidate to contrast with "
                          "(the training set needs at least two classes)")
@@ -43,11 +55,21 @@ def _draw(weights: Tensor, count: int, generator: Optional[torch.Generator]) -> 
     return draws
 
 
+def class_size_bounds(train_labels: Tensor) -> tuple[int, int]:
+    """(smallest, largest) class size among the classes present: what ``sample_contrast_indices`` needs to know
+    on the host to draw without reading the device (computed once, when a term is built)."""
+    sizes = torch.bincount(train_labels.long())
+    sizes = sizes[sizes > 0]
+    return int(sizes.min()), int(sizes.max())
+
+
 def sample_contrast_indices(train_labels: Tensor, indices: Tensor, k: int, mode: str = "exact",
-                            generator: Optional[torch.Generator] = None) -> Tensor:
+                            generator: Optional[torch.Generator] = None,
+                            class_sizes: Optional[tuple[int, int]] = None) -> Tensor:
     """[B, k+1] dataset indices: column 0 the positive, columns 1..k the negatives (other classes only).
 
     mode 'exact': the positive is the sample itself; 'relax': a random sample of the same class.
+    ``class_sizes``: ``class_size_bounds(train_labels)``, to skip the host read of the candidate counts.
     """
     if mode not in CONTRAST_MODES:
         raise ReproError(f"CRD: unknown contrast mode {mode!r}; known: {', '.join(CONTRAST_MODES)}")
@@ -55,11 +77,14 @@ def sample_contrast_indices(train_labels: Tensor, indices: Tensor, k: int, mode:
         raise ReproError(f"CRD: the number of negatives k must be >= 1, got {k}")
     labels = train_labels[indices]
     same_class = labels[:, None] == train_labels[None, :]
-    negatives = _draw((~same_class).float(), k, generator)
+    n_data = train_labels.shape[0]
+    # A sample of class c has n_data - |c| negatives and |c| same-class candidates.
+    negative_bounds = (n_data - class_sizes[1], n_data - class_sizes[0]) if class_sizes else None
+    negatives = _draw((~same_class).float(), k, generator, negative_bounds)
     if mode == "exact":
         positives = indices.long()
     else:
-        positives = _draw(same_class.float(), 1, generator)[:, 0]
+        positives = _draw(same_class.float(), 1, generator, class_sizes)[:, 0]
     return torch.cat([positives[:, None], negatives], dim=1)
 
 

@@ -32,6 +32,10 @@ class Batch:
     indices: Tensor  # dataset indices [B] (CRD's memory bank, the teacher-output cache)
     epoch: int  # 1-based
     views: Optional[Tensor] = None  # [B, 3] (dy, dx, flip) of the discrete CIFAR augmentation, else None
+    # CPU copies of indices / views where the loader has them: host-side lookups (the teacher-output cache) then
+    # need no device-to-host read.
+    host_indices: Optional[Tensor] = None
+    host_views: Optional[Tensor] = None
 
 
 @dataclass

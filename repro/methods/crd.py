@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from repro.errors import ReproError
-from repro.losses.crd import CONTRAST_MODES, ContrastMemory, EmbedHead, nce_contrast_loss, sample_contrast_indices
+from repro.losses.crd import (CONTRAST_MODES, ContrastMemory, EmbedHead, class_size_bounds, nce_contrast_loss,
+                              sample_contrast_indices)
 from repro.domains import POSITIVE, POSITIVE_INT, PROBABILITY, one_of
 from repro.methods.base import LOSS_TERMS, Batch, LossTerm, Outputs, TermContext
 
@@ -48,10 +49,11 @@ class CRD(LossTerm):
             raise ReproError(f"crd: unknown mode {self.mode!r}; known: {', '.join(CONTRAST_MODES)}")
         if self.k < 1 or self.train_labels.unique().numel() < 2:
             raise ReproError(f"crd needs k >= 1 (got {self.k}) and a training set with at least two classes")
+        self.class_sizes = class_size_bounds(self.train_labels)  # one host read here, none per step
 
     def contrast_indices(self, indices: Tensor) -> Tensor:
         """[B, k+1] dataset indices (positive first) for the batch; drawn with the global RNG."""
-        return sample_contrast_indices(self.train_labels, indices, self.k, self.mode)
+        return sample_contrast_indices(self.train_labels, indices, self.k, self.mode, class_sizes=self.class_sizes)
 
     def forward(self, out: Outputs, batch: Batch) -> Tensor:
         assert out.feats is not None and out.teacher_feats is not None

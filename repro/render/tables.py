@@ -217,7 +217,25 @@ def stamp_lines(tier: str, plans: list[Plan], results: list[CellResult], command
         f"> Runs: {len(runs)} finished; seeds {seeds or '–'}; device(s): {'; '.join(devices)}; "
         f"run commits: {', '.join(commits)}.",
         f"> Libraries (renderer): {versions}.",
+        *_teacher_checkpoint_lines(plans),
     ]
+
+
+def _teacher_checkpoint_lines(plans: list[Plan]) -> list[str]:
+    """What the teacher checkpoints are pinned by: their sha256 and where the lock came from."""
+    from repro.teachers import lock_origin
+
+    checkpoints = {run.config["model"]["arch"]: run.config for plan in plans for run in plan.ordered()
+                   if run.config.get("kind") == "eval" and run.config.get("checkpoint")}
+    if not checkpoints:
+        return []
+    pins = "; ".join(f"{arch} " + (f"`{c['checkpoint']['sha256'][:12]}`" if c["checkpoint"].get("sha256")
+                                   else "(not downloaded when planned)") for arch, c in sorted(checkpoints.items()))
+    origins = sorted({lock_origin(arch) for arch in checkpoints})
+    gates = sorted({c.get("gate_tolerance") for c in checkpoints.values()}, key=str)
+    gate = ("gated at " + " / ".join(f"±{g}" for g in gates if g is not None) + " points of the reported accuracy"
+            if any(g is not None for g in gates) else "accuracy gate disabled (--no-teacher-gate)")
+    return [f"> Teacher checkpoints (sha256): {pins}; {'; '.join(origins)}; {gate}."]
 
 
 def render_output(output: str, tier: str, sections: list[tuple[Plan, list[CellResult]]], out_dir: Path,

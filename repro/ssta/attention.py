@@ -15,7 +15,7 @@ Student head mappings (ssta.md 2.3.2, all [INFERRED], the paper's choice is unkn
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -109,20 +109,30 @@ class AttentionCapture:
         self.drop_token = drop
         self.enabled = True
         self.maps: Optional[Tensor] = None
+        self._indices: dict[Any, Tensor] = {}
         self._handle: Optional[RemovableHandle] = attn.qkv.register_forward_hook(self._hook)
 
     def _split_qk(self, qkv_out: Tensor) -> tuple[Tensor, Tensor]:
         attn = self.attn
         batch, tokens, _ = qkv_out.shape
         qkv = qkv_out.reshape(batch, tokens, 3, attn.num_heads, attn.head_dim)
-        index = torch.tensor(self.heads, device=qkv_out.device)
+        index = self._index("heads", self.heads, qkv_out.device)
         q = qkv[:, :, 0].index_select(2, index).transpose(1, 2)  # [B, h, N, d]
         k = qkv[:, :, 1].index_select(2, index).transpose(1, 2)
         q, k = attn.q_norm(q), attn.k_norm(k)  # per-head norms (Identity in DeiT/ViT), as timm applies them
         if self.drop_token is not None:
-            keep = torch.tensor([i for i in range(tokens) if i != self.drop_token], device=qkv_out.device)
+            keep = self._index(("keep", tokens), [i for i in range(tokens) if i != self.drop_token], qkv_out.device)
             q, k = q.index_select(2, keep), k.index_select(2, keep)
         return q, k
+
+    def _index(self, key: Any, values: Sequence[int], device: torch.device) -> Tensor:
+        """An index tensor built once per (key, device): a ``torch.tensor(list, device=cuda)`` on every forward
+        is a blocking host-to-device copy."""
+        cache_key = (key, str(device))
+        index = self._indices.get(cache_key)
+        if index is None:
+            index = self._indices[cache_key] = torch.tensor(list(values), dtype=torch.long, device=device)
+        return index
 
     def compute(self, qkv_out: Tensor) -> Tensor:
         q, k = self._split_qk(qkv_out)
