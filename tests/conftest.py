@@ -21,3 +21,15 @@ def workdirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]
     monkeypatch.setenv("REPRO_RUNS", str(dirs["runs"]))
     monkeypatch.setenv("REPRO_DATA", str(dirs["data"]))
     return dirs
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module of tiny models: on a shared 2-core machine two threads wait on each
+    other (oversubscription) and run slower than one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,14 +19,7 @@ from repro.ssta.head_importance import (
     select_heads_cached,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: one intra-op thread is faster than two on a shared 2-core machine (no oversubscription).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _silence_heads(model, keep: dict[int, int]) -> None:

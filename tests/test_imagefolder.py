@@ -13,16 +13,9 @@ from repro.data.imagefolder import load_imagefolder, load_imagefolder_splits, wr
 from repro.data.pipelines_folder import build_folder_pipeline
 from repro.methods import Batch
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CLASSES, PER_CLASS, VAL_PER_CLASS = 4, 12, 6
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors: one intra-op thread is faster than two on a shared 2-core machine (no oversubscription).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

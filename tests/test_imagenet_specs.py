@@ -20,18 +20,11 @@ from repro.runner import evaluate_checkpoint
 from repro.spec import SPEC_ROOT, load_spec
 from repro.train import RunFailed
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DATA = Path(__file__).parent / "data"
 SPECS = {"wttm/imagenet-table5": "T5", "wttm/imagenet-table7": "T7", "wttm/deit-table13": "T13"}
 X32 = torch.randn(2, 3, 32, 32)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Small models on a shared 2-core machine: one intra-op thread avoids oversubscription.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

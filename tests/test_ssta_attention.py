@@ -14,6 +14,8 @@ from repro.methods import Batch, Distiller, Outputs, TermContext, get_term
 from repro.models import create_model
 from repro.ssta.attention import AttentionCapture, attention_kl
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _timm_attention_probs(model, layer, images):
     """Attention weights as timm computes them on its non-fused path (input of attn_drop)."""
@@ -38,15 +40,6 @@ def _ctx(student, teacher=None, assistants=None, classes=5):
 def _batch(images, epoch=1, classes=5):
     labels = torch.arange(images.shape[0]) % classes
     return Batch(images=images, targets=labels, labels=labels, indices=torch.arange(images.shape[0]), epoch=epoch)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: one intra-op thread is faster than two on a shared 2-core machine (no oversubscription).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

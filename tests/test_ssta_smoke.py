@@ -27,14 +27,7 @@ from repro.ssta.attention import AttentionCapture, attention_kl
 from repro.ssta.head_importance import last_blocks_features
 from repro.store import RunStore
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: one intra-op thread avoids oversubscription.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

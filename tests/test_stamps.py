@@ -18,13 +18,7 @@ from repro.runner import execute
 from repro.spec import Cell, MethodDef, load_spec
 from repro.store import RunStore
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cifar_spec(tmp_path: Path, smoke: dict, methods: dict, cells: list[dict]) -> str:

@@ -8,14 +8,7 @@ import repro.models.vit as vit_module
 from repro.errors import ReproError
 from repro.models import create_model, model_names
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: one intra-op thread is faster than two on a shared 2-core machine (no oversubscription).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
