@@ -155,6 +155,14 @@ def test_float16_overflow_is_not_stored(tmp_path: Path) -> None:
     assert torch.equal(cache.round(logits)[1], logits[1])
 
 
+def test_a_batch_whose_every_row_overflows_stores_nothing_and_does_not_fail(tmp_path: Path) -> None:
+    # Seen in the smoke reproduction: a diverging smoke teacher whose every missed row overflows float16.
+    cache = _open(tmp_path, dtype="float16")
+    logits = torch.full((2, NUM_CLASSES), 1e6)
+    cache.store(torch.tensor([0, 1]), None, logits)
+    assert cache.filled(torch.tensor([0, 1]), None).tolist() == [False, False]
+
+
 def test_fill_cache_holds_every_view_exactly(tmp_path: Path, dataset: ImageTensorDataset) -> None:
     teacher = CountingNet(seed=4)
     cache = _open(tmp_path)

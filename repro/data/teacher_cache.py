@@ -89,7 +89,8 @@ def entry_checksums(logits: np.ndarray, rows: np.ndarray, ids: np.ndarray) -> np
     detects torn and unordered writes, not tampering.
     """
     with np.errstate(over="ignore"):
-        words = np.ascontiguousarray(logits).view(np.uint16).reshape(logits.shape[0], -1).astype(np.uint64)
+        width = logits.shape[1] * logits.dtype.itemsize // 2  # uint16 words per entry (explicit: B may be 0)
+        words = np.ascontiguousarray(logits).view(np.uint16).reshape(logits.shape[0], width).astype(np.uint64)
         salt = (np.arange(1, words.shape[1] + 1, dtype=np.uint64) * _GOLDEN)[None, :]
         position = rows.astype(np.uint64) * np.uint64(1_000_003) + ids.astype(np.uint64) + np.uint64(1)
         hashed = _mix(_mix(words + salt + (position * _GOLDEN)[:, None]).sum(axis=1, dtype=np.uint64) + position)
@@ -252,6 +253,8 @@ class TeacherCache:
         values = logits.detach().to(self._torch_dtype).cpu().numpy()  # torch casts overflow to inf silently
         keep = np.isfinite(values).all(axis=1)
         rows, ids, values = rows[keep], ids[keep], values[keep]
+        if not len(rows):
+            return  # every row overflowed the cache dtype: nothing to store, the teacher serves them live
         # Logits, then checksum, then flag: a reader that sees them out of order gets a checksum mismatch (a miss).
         self._logits[rows, ids] = values
         self._checksums[rows, ids] = entry_checksums(values, rows, ids)
