@@ -6,22 +6,15 @@ import argparse
 
 import pytest
 import torch
-import torch.nn as nn
 
 from repro.errors import ReproError
 from repro.losses import wttm_loss
 from repro.methods import TermContext
 from repro.methods.base import Outputs
 from repro.methods.wttm import WTTM
+from test_figures import FixedTeacher  # a teacher whose logits are given: one definition for both tests
 
 
-class FixedTeacher(nn.Module):
-    def __init__(self, logits: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("logits", logits)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.logits[: images.shape[0]]
 
 
 def _mean_u(logits: torch.Tensor, gamma: float) -> float:
