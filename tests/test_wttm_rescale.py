@@ -6,6 +6,7 @@ import argparse
 
 import pytest
 import torch
+import torch.nn as nn
 
 from repro.errors import ReproError
 from repro.losses import wttm_loss
