@@ -22,11 +22,11 @@ import torch
 
 from repro.errors import ReproError
 from repro.models import create_model
-from repro.plan import Plan, PlannedRun
+from repro.plan import WEIGHT_ARGS, Plan, PlannedRun
 from repro.provenance import device_name
 from repro.store import RunStore, atomic_write_json
 
-_WEIGHT_ARGS = ("pretrained", "checkpoint", "checkpoint_key")  # never load weights just to time a model
+_WEIGHT_ARGS = WEIGHT_ARGS  # never load weights just to time a model
 CPU_MAX_BATCH = 64
 CPU_MAX_PIXELS = 8 * 224 * 224  # per CPU batch: 64 CIFAR images, 8 ImageNet ones (a few seconds per step at most)
 MIN_STEPS = 3

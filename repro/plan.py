@@ -16,6 +16,7 @@ from repro.spec import Cell, LossSpec, MethodDef, Recipe, Spec, deep_merge
 from repro.store import run_id_of
 
 CHECKPOINT_NAME = "{arch}_vanilla/ckpt_epoch_240.pth"  # RepDistiller / mdistiller teacher bundle layout
+WEIGHT_ARGS = ("pretrained", "checkpoint", "checkpoint_key")  # model arguments that load weights, not shape them
 
 
 @dataclass
@@ -85,6 +86,7 @@ class Planner:
     def __init__(self, spec: Spec, tier: str, seeds: Optional[int] = None, teacher_gate: bool = True,
                  teacher_source: Optional[str] = None) -> None:
         self.teacher_gate = teacher_gate
+        self.teacher_source = teacher_source
         self.spec = spec
         self.tier = tier
         self.seeds_override = seeds
@@ -109,17 +111,35 @@ class Planner:
         losses = resolve_losses(method, cell, self.spec.tier_params.get(self.tier))
         teacher_id = self._teacher_run(cell.teacher) if method.needs_teacher() else None
         assistants = {"ta": self._assistant_run(cell.assistant)} if cell.assistant else {}
-        init_id = self._pretrain_run(cell.student)
+        pretrain_id = self._pretrain_run(cell.student)
+        sources = self._source_runs(cell) if cell.init_from else []
         ids = []
         for seed in range(n_seeds):
             config = self._train_config(cell.student, losses, seed, teacher_id, assistants, method)
+            # Seed i of a fine-tuning row starts from seed i of its source (cycling when the source has fewer).
+            init_id = sources[seed % len(sources)] if sources else pretrain_id
             if init_id:
                 config["init"] = {"run": init_id}
             label = f"{cell.student} <- {cell.teacher}  {cell.method}  seed {seed}" if teacher_id else \
                 f"{cell.student}  {cell.method}  seed {seed}"
+            if sources:
+                # The source run's weights replace the model family's own: the config must not claim them too.
+                config["model"]["args"] = {k: v for k, v in config["model"]["args"].items() if k not in WEIGHT_ARGS}
+                label += f"  (from {cell.init_from.spec}: {init_id})"
             deps = [d for d in [teacher_id, init_id, *assistants.values()] if d]
             ids.append(self._add(config, label, deps))
         return CellRuns(cell, method, ids)
+
+    def _source_runs(self, cell: Cell) -> list[str]:
+        """The runs of the cell an ``init_from`` names (one per seed), planned by its own spec at this tier into
+        this plan's DAG, before the runs that start from them (validated when the spec loaded)."""
+        from repro.spec import load_spec, select_cell
+
+        assert cell.init_from is not None
+        source = load_spec(cell.init_from.spec)
+        planner = Planner(source, self.tier, self.seeds_override, self.teacher_gate, self.teacher_source)
+        planner.runs = self.runs  # one DAG: runs shared with this plan collapse, insertion order stays topological
+        return planner._plan_cell(select_cell(source, cell.init_from.cell)).run_ids
 
     # -- runs -----------------------------------------------------------------------------------------------
     def _add(self, config: dict[str, Any], label: str, deps: list[str]) -> str:

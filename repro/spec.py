@@ -176,6 +176,29 @@ class MethodDef(Strict):
         return self.role == "student" and any(get_term(name).requires_teacher_model() for name in self.losses)
 
 
+class CellSelector(Strict):
+    """Names one cell of a spec by its fields: every field given must match, and exactly one cell may."""
+
+    teacher: Optional[str] = None
+    student: Optional[str] = None
+    assistant: Optional[str] = None
+    method: Optional[str] = None
+
+    def matches(self, cell: "Cell") -> bool:
+        return all(getattr(cell, name) == value for name, value in self.model_dump(exclude_none=True).items())
+
+    def describe(self) -> str:
+        return ", ".join(f"{name}: {value}" for name, value in self.model_dump(exclude_none=True).items())
+
+
+class InitFrom(Strict):
+    """The run a cell's student starts from: a cell of another spec, planned first at the same tier; the source
+    run's id is part of the cell's run config (``init.run``), so a change of the source moves this cell's id."""
+
+    spec: str  # a spec id, or a YAML path (a relative one is read from the folder of the spec that names it)
+    cell: CellSelector
+
+
 class Cell(Strict):
     """One row of the paper table for one teacher/student pair."""
 
@@ -187,6 +210,7 @@ class Cell(Strict):
     provenance: dict[str, Provenance] = {}  # dotted path (e.g. "params.wttm.weight") -> source
     seeds: Optional[PositiveInt] = None
     assistant: Optional[str] = None  # SSTA: the teaching assistant's model key
+    init_from: Optional[InitFrom] = None  # the student starts from another spec's run (fine-tuning)
 
 
 class Claim(Strict):
@@ -315,7 +339,8 @@ def spec_path(spec_ref: str) -> Path:
     return by_id
 
 
-def load_spec(spec_ref: str, check_models: bool = True) -> Spec:
+def load_spec(spec_ref: str, check_models: bool = True, check_sources: bool = True) -> Spec:
+    """Read, validate and check a spec; ``check_sources``: also follow its cells' ``init_from`` chains."""
     path = spec_path(spec_ref)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -335,11 +360,87 @@ def load_spec(spec_ref: str, check_models: bool = True) -> Spec:
         raise ReproError(f"spec {path}: {format_validation_error(err)}") from None
     for tier in TIERS:
         spec.recipe_for(tier)  # tier overrides must validate too
+    _resolve_init_paths(spec, path)
     if check_models:
         check_model_names(spec)
         check_recipe_names(spec)
         check_loss_terms(spec)
+        if check_sources:
+            check_init_sources(spec, path)
     return spec
+
+
+def _resolve_init_paths(spec: Spec, spec_file: Path) -> None:
+    """A relative YAML path in ``init_from.spec`` is read from the naming spec's folder, wherever it is planned."""
+    for cell in spec.cells:
+        ref = cell.init_from
+        if ref is not None and Path(ref.spec).suffix in (".yaml", ".yml") and not Path(ref.spec).is_absolute():
+            ref.spec = str((spec_file.parent / ref.spec).resolve())
+
+
+def select_cell(spec: Spec, selector: CellSelector) -> Cell:
+    """The one cell of ``spec`` that ``selector`` names (an error listing the candidates otherwise)."""
+    found = [cell for cell in spec.cells if selector.matches(cell)]
+    if len(found) == 1:
+        return found[0]
+    names = "; ".join(f"{{{_cell_name(c)}}}" for c in found or spec.cells)
+    what = f"no cell of spec {spec.id} matches" if not found else f"{len(found)} cells of spec {spec.id} match"
+    raise ReproError(f"{what} {{{selector.describe()}}} ({'its cells' if not found else 'name one'}: {names})")
+
+
+def _cell_name(cell: Cell) -> str:
+    return ", ".join(f"{k}: {v}" for k in ("teacher", "student", "assistant", "method") if (v := getattr(cell, k)))
+
+
+def _trained_model(spec: Spec, cell: Cell) -> str:
+    """The model key a cell's run produces: the teacher for a teacher row, else the student."""
+    return cell.teacher if spec.methods[cell.method].role == "teacher" and cell.teacher else cell.student
+
+
+def check_init_sources(spec: Spec, spec_file: Path) -> None:
+    """Every ``init_from`` names a spec that loads and exactly one of its cells; that cell has a run, which
+    produces the same model as this cell's student at every tier; and the chain of sources has no cycle."""
+    for i, cell in enumerate(spec.cells):
+        if cell.init_from is None:
+            continue
+        where = f"spec {spec.id}: cells[{i}] ({cell.method}, {cell.student}): init_from"
+        method = spec.methods[cell.method]
+        if method.reported_only is not None or method.role == "teacher":
+            raise ReproError(f"{where}: only a trained student row starts from a run; this row is "
+                             f"{'reported only' if method.reported_only is not None else 'a teacher row'}")
+        if spec.model_def(cell.student).pretrain:
+            raise ReproError(f"{where}: student {cell.student!r} already starts from its pretrain run "
+                             f"({spec.model_def(cell.student).pretrain!r}); give one of the two")
+        chain = [(spec_file.resolve(), i, spec.id)]
+        current, current_cell = spec, cell
+        while current_cell.init_from is not None:
+            ref = current_cell.init_from
+            try:
+                source = load_spec(ref.spec, check_sources=False)  # this loop follows the chain itself
+                source_cell = select_cell(source, ref.cell)
+            except ReproError as err:
+                raise ReproError(f"{where}: {err}") from None
+            node = (spec_path(ref.spec).resolve(), source.cells.index(source_cell), source.id)
+            if node[:2] in [n[:2] for n in chain]:
+                loop = " -> ".join(f"{n[2]} cells[{n[1]}]" for n in [*chain, node])
+                raise ReproError(f"{where}: cycle of init_from sources: {loop}")
+            _check_same_model(where, current, current_cell, source, source_cell)
+            chain.append(node)
+            current, current_cell = source, source_cell
+
+
+def _check_same_model(where: str, spec: Spec, cell: Cell, source: Spec, source_cell: Cell) -> None:
+    source_method = source.methods[source_cell.method]
+    if source_method.reported_only is not None:
+        raise ReproError(f"{where}: the source cell {{{_cell_name(source_cell)}}} of spec {source.id} is reported "
+                         f"only; it has no run to start from")
+    produced = _trained_model(source, source_cell)
+    for tier in TIERS:
+        mine, theirs = spec.arch_of(cell.student, tier), source.arch_of(produced, tier)
+        if mine != theirs:
+            raise ReproError(f"{where}: the source cell {{{_cell_name(source_cell)}}} of spec {source.id} trains "
+                             f"{theirs!r} at tier {tier!r}, but this cell's student is {mine!r}: its weights "
+                             f"do not fit")
 
 
 def _recipes_to_check(spec: Spec) -> list[tuple[str, Recipe]]:

@@ -235,8 +235,9 @@ class Trainer:
         torch.manual_seed(self.seed)  # weights depend on the seed alone, not on what the pipeline drew
         student = create_model(model_cfg["arch"], num_classes=model_cfg["num_classes"], **model_cfg.get("args", {}))
         if self.resolved.init_state is not None:
-            self.deviations.append(f"initialised from run {self.config['init']['run']} "
-                                   f"({load_matching(student, self.resolved.init_state)} tensors)")
+            loaded, fresh = load_matching(student, self.resolved.init_state)
+            self.deviations.append(f"initialised from run {self.config['init']['run']} ({loaded} tensors"
+                                   + (f"; left at initialisation: {', '.join(fresh)})" if fresh else ")"))
         student = distributed.prepare_model(student, self.par, self.options, self.device).to(self.device)
         if recipe.channels_last:
             student = student.to(memory_format=torch.channels_last)
@@ -556,14 +557,15 @@ class EpochAccumulator:
             raise RunFailed(f"non-finite loss at epoch {epoch} on another process", epoch=epoch)
 
 
-def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> int:
-    """Load every tensor whose name and shape match (a new classifier for another class count stays fresh)."""
+def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[int, list[str]]:
+    """Load every tensor whose name and shape match (a new classifier for another class count stays fresh);
+    returns how many were loaded and the model's tensors left at their initialisation."""
     own = model.state_dict()
     matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not matching:
         raise ReproError("the initial weights share no tensor with the model: wrong architecture?")
     model.load_state_dict(matching, strict=False)
-    return len(matching)
+    return len(matching), [k for k in own if k not in matching]
 
 
 def _recipe_with_defaults(recipe: dict[str, Any]) -> dict[str, Any]:
