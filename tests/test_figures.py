@@ -153,6 +153,9 @@ def test_transfer_figure_from_results(tmp_path, transfer_plan, drawn):
     frame = figures.gather_transfer(compare_plan(transfer_plan, store), store, names)
     assert set(frame["dataset"]) == {"cifar10", "cifar100"}  # read from each run's own config
     assert "deit_tiny_patch16_224" in set(frame["model"])
+    # the SSTA student fine-tuned from ssta/imagenet-main's run is its own bar, on both datasets
+    assert set(frame[frame["model"] == "deit_tiny_patch16_224 from ssta/imagenet-main"]["dataset"]) == \
+        {"cifar10", "cifar100"}
     path = figures.plot_transfer(frame, tmp_path / figures.TRANSFER_FIGURE, figures.figure_stamp("smoke"))
     assert_png(path)
     assert_labelled(drawn[0], "Transfer", "Model (fine-tuned from its ImageNet weights)", "Top-1 (%), best epoch")

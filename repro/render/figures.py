@@ -172,15 +172,19 @@ def plot_entropy_curves(curves: Mapping[str, Mapping[str, Sequence[tuple[int, fl
 
 
 def gather_transfer(results: Sequence[CellResult], store: RunStore, model_names: Mapping[str, str]) -> pd.DataFrame:
-    """One row per fine-tuned cell that has results: ``model`` (``model_names[cell.student]``), ``dataset`` (read
-    from the run's own config, so the label is what was trained on), ``mean``/``std`` top-1, reported value."""
+    """One row per fine-tuned cell that has results: ``model`` (``model_names[cell.student]``, plus the spec it
+    starts from for a cell initialised from another spec's run), ``dataset`` (read from the run's own config, so
+    the label is what was trained on), ``mean``/``std`` top-1, reported value."""
     rows = []
     for result in results:
         if result.mean is None or not result.run_ids:
             continue
         config = store.config(result.run_ids[0]) or {}
         dataset = config.get("recipe", {}).get("data", {}).get("name", "?")
-        rows.append({"model": model_names.get(result.cell.student, result.cell.student), "dataset": dataset,
+        model = model_names.get(result.cell.student, result.cell.student)
+        if result.cell.init_from is not None:
+            model += f" from {result.cell.init_from.spec}"
+        rows.append({"model": model, "dataset": dataset,
                      "mean": result.mean, "std": result.std if result.std is not None else 0.0,
                      "reported": result.reported.mean, "metric": result.metric, "n": result.n})
     return pd.DataFrame(rows, columns=["model", "dataset", "mean", "std", "reported", "metric", "n"])
