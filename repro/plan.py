@@ -94,6 +94,7 @@ class Planner:
         if teacher_source is not None:  # --teachers: e.g. students of the full tier from teachers trained here
             self.recipe.teachers.source = teacher_source  # type: ignore[assignment]
         self.runs: dict[str, PlannedRun] = {}
+        self.source_specs: dict[str, Spec] = {}  # specs named by init_from, loaded once per plan
 
     # -- public ---------------------------------------------------------------------------------------------
     def plan(self) -> Plan:
@@ -136,9 +137,13 @@ class Planner:
         from repro.spec import load_spec, select_cell
 
         assert cell.init_from is not None
-        source = load_spec(cell.init_from.spec)
+        ref = cell.init_from.spec
+        if ref not in self.source_specs:
+            self.source_specs[ref] = load_spec(ref)
+        source = self.source_specs[ref]
         planner = Planner(source, self.tier, self.seeds_override, self.teacher_gate, self.teacher_source)
         planner.runs = self.runs  # one DAG: runs shared with this plan collapse, insertion order stays topological
+        planner.source_specs = self.source_specs
         return planner._plan_cell(select_cell(source, cell.init_from.cell)).run_ids
 
     # -- runs -----------------------------------------------------------------------------------------------
