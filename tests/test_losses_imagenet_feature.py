@@ -324,3 +324,16 @@ def test_kdpp_class_centers_warmup_and_value() -> None:
     expected = (2.5 * 0.4 * kd_loss(logits, t_logits, 1.0)
                 + nd_loss(feats[-1], t_feats[-1], expected_centers, batch.labels))
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_kdpp_center_pass_keeps_rng_and_teacher_mode() -> None:
+    student, teacher = small_model("tv_resnet18"), small_model("tv_resnet18").train()
+    ctx = make_context(student, teacher)
+    torch.manual_seed(11)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(11)
+    term = get_term("kdpp")(ctx, center_batches=1)
+    assert torch.equal(torch.rand(3), expected_draw)  # the pass over training batches moved no random state
+    assert teacher.training  # restored after the eval-mode pass
+    assert term.report()["class_centers"] == {"images": 4, "classes_seen": int(ctx.train_labels[:4].unique().numel()),
+                                              "batches": 1}

@@ -12,7 +12,7 @@ ImageNet/Models/embtrans.py (``EmbTrans``) and ImageNet/emb_fea_distribution.py 
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -35,9 +35,10 @@ class EmbeddingProjector(nn.Module):
     """BN1d + dropout 0.5 + linear, from the student's to the teacher's embedding width (official init: BN 1/0,
     linear weight and bias ~ N(0, 0.01^2))."""
 
-    def __init__(self, in_dim: int, out_dim: int) -> None:
+    def __init__(self, in_dim: int, out_dim: int, device: Optional[torch.device] = None) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.BatchNorm1d(in_dim), nn.Dropout(0.5), nn.Linear(in_dim, out_dim))
+        self.net = nn.Sequential(nn.BatchNorm1d(in_dim, device=device), nn.Dropout(0.5),
+                                 nn.Linear(in_dim, out_dim, device=device))
         nn.init.ones_(self.net[0].weight)
         nn.init.zeros_(self.net[0].bias)
         nn.init.normal_(self.net[2].weight, 0.0, 0.01)
@@ -48,16 +49,18 @@ class EmbeddingProjector(nn.Module):
 
 
 def class_means(pairs: Iterable[tuple[Tensor, Tensor]], num_classes: int) -> tuple[Tensor, Tensor]:
-    """(means [K, D] in float64, counts [K]) of embeddings per label over ``(embeddings, labels)`` pairs;
-    classes never seen keep a zero mean."""
-    sums, counts = None, torch.zeros(num_classes, dtype=torch.float64)
+    """(means [K, D] in float64, counts [K]) of embeddings per label over ``(embeddings, labels)`` pairs,
+    accumulated on the embeddings' device; classes never seen keep a zero mean."""
+    sums: Optional[Tensor] = None
+    counts: Optional[Tensor] = None
     for emb, labels in pairs:
-        emb = emb.detach().to(torch.float64).cpu()
-        labels = labels.long().cpu()
-        if sums is None:
-            sums = torch.zeros(num_classes, emb.shape[1], dtype=torch.float64)
+        emb = emb.detach().to(torch.float64)
+        labels = labels.to(emb.device, torch.long)
+        if sums is None or counts is None:
+            sums = torch.zeros(num_classes, emb.shape[1], dtype=torch.float64, device=emb.device)
+            counts = torch.zeros(num_classes, dtype=torch.float64, device=emb.device)
         sums.index_add_(0, labels, emb)
-        counts += torch.bincount(labels, minlength=num_classes).to(torch.float64)
-    if sums is None:
+        counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+    if sums is None or counts is None:
         raise ReproError("ND loss: no training batch to compute the teacher's class means from")
     return sums / counts.clamp(min=1)[:, None], counts

@@ -11,7 +11,7 @@ no warm-up.
 """
 from __future__ import annotations
 
-import math
+import sys
 from typing import Any, Iterator, Optional
 
 import torch
@@ -42,7 +42,7 @@ class KDPlusPlus(LossTerm):
         self.kd_weight, self.nd_weight = float(kd_weight), float(nd_weight)
         self.temperature, self.warmup = float(temperature), int(warmup)
         student_dim, teacher_dim = int(ctx.student_feat_dims[-1]), int(ctx.teacher_feat_dims[-1])
-        self.projector = (EmbeddingProjector(student_dim, teacher_dim).to(ctx.device)
+        self.projector = (EmbeddingProjector(student_dim, teacher_dim, device=ctx.device)
                           if student_dim != teacher_dim else None)
         centers, counts = self._teacher_class_means(ctx, center_batches)
         self.register_buffer("class_centers", centers.to(ctx.device, torch.float32), persistent=False)
@@ -60,7 +60,7 @@ class KDPlusPlus(LossTerm):
         teacher.eval()
 
         def embeddings() -> Iterator[tuple[Tensor, Tensor]]:
-            count = math.inf if center_batches is None else center_batches
+            count = sys.maxsize if center_batches is None else int(center_batches)  # maxsize: the whole epoch
             for batch in ctx.sample_batches(count):
                 with torch.no_grad():
                     _, feats = forward_model(teacher, batch.images, True, False)
