@@ -337,3 +337,11 @@ def test_kdpp_center_pass_keeps_rng_and_teacher_mode() -> None:
     assert teacher.training  # restored after the eval-mode pass
     assert term.report()["class_centers"] == {"images": 4, "classes_seen": int(ctx.train_labels[:4].unique().numel()),
                                               "batches": 1}
+
+
+@pytest.mark.parametrize("arch", ["tv_resnet18", "mobilenet_v1"])
+def test_get_classifier_is_the_head_behind_the_logits(arch: str) -> None:
+    model = small_model(arch).eval()
+    with torch.no_grad():
+        feats, logits = model(torch.randn(2, 3, SIZE, SIZE), is_feat=True)
+        torch.testing.assert_close(model.get_classifier()(feats[-1]), logits)
