@@ -50,6 +50,11 @@ CASES: dict[str, Case] = {
     "itrd": Case(),
     "crd": Case(params={"k": 4}, fake_device="negative sampling reads the fewest candidates per row to the host "
                                              "(int) and the constructor counts the classes (unique)"),
+    "reviewkd": Case(params={"stages": 3}),
+    "srrl": Case(),
+    "kdpp": Case(student="resnet8x4", params={"kd_weight": 2.0},
+                 fake_device="the class-mean counts are read to the host (int) once, at construction, for the "
+                             "term's report"),
     "masked_recon": Case(student="vit_smoke_tiny", teacher=None),
     "ssta_attn": Case(student="vit_smoke_tiny", teacher="vit_smoke_small", ta="vit_smoke_tiny",
                       params={"teacher_head": 0, "ta_head": 1}),

@@ -90,6 +90,10 @@ class FeatureResNet(tv_resnet.ResNet):
     def _stages(self) -> list[nn.Sequential]:
         return [self.layer1, self.layer2, self.layer3, self.layer4]
 
+    def get_classifier(self) -> nn.Module:
+        """The linear head on the pooled feature (as the CIFAR zoo and timm expose it; SRRL reuses it)."""
+        return self.fc
+
     def _forward_all(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
         x = self.relu(self.bn1(self.conv1(x)))
         feats = [x]
@@ -117,6 +121,9 @@ class FeatureMobileNetV1(nn.Module):
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
+
+    def get_classifier(self) -> nn.Module:
+        return self.net.get_classifier()
 
     def _final_activations(self) -> list[nn.Module]:
         # timm folds the activation into BatchNormAct2d (``.act``); a stage ends with its last block's bn2.
