@@ -36,13 +36,34 @@ def _store(args: argparse.Namespace):
     return RunStore(Path(args.runs) if args.runs else None)
 
 
-def _plan(spec_ref: str, args: argparse.Namespace):
-    from repro.plan import make_plan
-    from repro.spec import load_spec
+def _plan(spec_ref: str, args: argparse.Namespace, unmatched_cells_ok: bool = False):
+    from repro.plan import plan_spec
 
-    spec = load_spec(spec_ref)
-    return make_plan(spec, args.tier, args.seeds, teacher_gate=not args.no_teacher_gate,
-                     teacher_source=args.teachers)
+    return plan_spec(spec_ref, args.tier, args.seeds, teacher_gate=not args.no_teacher_gate,
+                     teacher_source=args.teachers, overrides=getattr(args, "overrides", None) or (),
+                     unmatched_cells_ok=unmatched_cells_ok)
+
+
+def _output_plans(output: str, args: argparse.Namespace) -> list:
+    """The plans of every spec that renders into ``output``. With several specs a ``--set`` on cells applies
+    where its cells are; an override that reaches no spec, or a cell index (ambiguous there), is an error."""
+    from repro.overrides import parse_override
+    from repro.spec import specs_for_output
+
+    spec_ids = specs_for_output(output)
+    overrides = getattr(args, "overrides", None) or []
+    several = len(spec_ids) > 1
+    if several:
+        for text in overrides:
+            if any(isinstance(step, int) for step in parse_override(text).path):
+                raise ReproError(f"--set {text!r}: output {output!r} renders {len(spec_ids)} specs, so a cell index "
+                                 f"is ambiguous; address the cell as cells[TEACHER->STUDENT/METHOD]")
+    plans = [_plan(spec_id, args, unmatched_cells_ok=several) for spec_id in spec_ids]
+    reached = {text for plan in plans for text in plan.overrides}
+    for text in overrides:
+        if parse_override(text).text not in reached:
+            raise ReproError(f"--set {text!r}: matches no cell of any spec of output {output!r}")
+    return plans
 
 
 def _print_plan(plan, store, device, estimate: bool = True, cost=None) -> Optional[float]:
@@ -55,6 +76,8 @@ def _print_plan(plan, store, device, estimate: bool = True, cost=None) -> Option
     total: Optional[float] = 0.0 if cost is not None else None
     refusal = None
     print(f"plan {plan.spec.id} [tier {plan.tier}]: {len(plan.runs)} runs")
+    for text in plan.inert_overrides:
+        print(f"note: --set {text} changes no run at tier {plan.tier}{_inert_hint(plan, text)}")
     for run in plan.ordered():
         result = store.result(run.run_id)
         status = result["status"] if result else "pending"
@@ -66,12 +89,25 @@ def _print_plan(plan, store, device, estimate: bool = True, cost=None) -> Option
                 est = f"~{format_duration(seconds)}"
             except CannotEstimate as err:
                 refusal, total = str(err), None
-        print(f"  {run.run_id}  {status:8s} {est:>10s}  {run.label}")
+        overridden = f"  [--set {', '.join(run.overrides)}]" if run.overrides else ""
+        print(f"  {run.run_id}  {status:8s} {est:>10s}  {run.label}{overridden}")
     if refusal is not None:
         print(f"no time estimate: {refusal}")
     elif cost is not None:
         print(f"estimated time for pending runs on {cost.device_key}: {format_duration(total)}")
     return total
+
+
+def _inert_hint(plan, text: str) -> str:
+    key = text.split("=", 1)[0]
+    if not key.startswith("recipe."):
+        return ""
+    node = plan.spec.tiers.get(plan.tier, {})
+    for part in key.split(".")[1:]:
+        if not isinstance(node, dict) or part not in node:
+            return ""
+        node = node[part]
+    return f" (the tier sets it: use --set tiers.{plan.tier}.{key.removeprefix('recipe.')}=...)"
 
 
 def _remote_cost(store, args: argparse.Namespace):
@@ -119,15 +155,16 @@ def _execute(plan, args: argparse.Namespace) -> int:
 def _report(output: str, args: argparse.Namespace, command_line: str) -> None:
     from repro.compare import compare_plan
     from repro.render.tables import render_output
-    from repro.spec import specs_for_output
 
     store = _store(args)
-    sections = []
-    for spec_id in specs_for_output(output):
-        plan = _plan(spec_id, args)
-        sections.append((plan, compare_plan(plan, store)))
+    sections = [(plan, compare_plan(plan, store)) for plan in _output_plans(output, args)]
     md, csv = render_output(output, args.tier, sections, Path(args.tables), command_line)
     print(f"wrote {md} and {csv}")
+
+
+def _set_flags(args: argparse.Namespace) -> str:
+    """The --set part of a command line, as stamped on a table."""
+    return "".join(f" --set {text}" for text in getattr(args, "overrides", None) or [])
 
 
 # -- commands ----------------------------------------------------------------------------------------------------
@@ -167,7 +204,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 @command("report")
 def cmd_report(args: argparse.Namespace) -> int:
-    _report(args.output, args, f"repro report {args.output} --tier {args.tier}")
+    _report(args.output, args, f"repro report {args.output} --tier {args.tier}{_set_flags(args)}")
     return 0
 
 
@@ -175,12 +212,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_table(args: argparse.Namespace) -> int:
     """Run every spec that renders into ``tables/<output>.md``, then render it."""
     from repro.distributed import is_main_process
-    from repro.spec import specs_for_output
 
-    for spec_id in specs_for_output(args.output):
-        _execute(_plan(spec_id, args), args)
+    for plan in _output_plans(args.output, args):
+        _execute(plan, args)
     if is_main_process():  # one writer for the table files
-        _report(args.output, args, f"repro table {args.output} --tier {args.tier}")
+        _report(args.output, args, f"repro table {args.output} --tier {args.tier}{_set_flags(args)}")
     return 0
 
 
@@ -227,6 +263,46 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     plan = _plan(args.spec, args) if args.spec else None
     print_status(_store(args), plan, verbose=args.verbose)
+    return 0
+
+
+@command("runs")
+def cmd_runs(args: argparse.Namespace) -> int:
+    """The runs of the store, or of a spec's plans (every tier unless --tier), as a table."""
+    from repro.inventory import runs_rows, runs_table
+    from repro.spec import TIERS
+
+    plans = []
+    if args.spec:
+        for tier in [args.tier] if args.tier else TIERS:
+            args_tier = argparse.Namespace(**{**vars(args), "tier": tier})
+            plans.append(_plan(args.spec, args_tier))
+    rows = runs_rows(_store(args), plans, args.tier, args.status)
+    if rows:
+        print(runs_table(rows))
+    print(f"{len(rows)} runs" + (f" with status {args.status}" if args.status else ""))
+    return 0
+
+
+@command("export")
+def cmd_export(args: argparse.Namespace) -> int:
+    from repro.bundles import export_bundle
+
+    summary = export_bundle([_plan(args.spec, args)], _store(args), Path(args.output), args.with_weights)
+    print(f"wrote {summary.path}: {len(summary.runs)} runs" +
+          (f" ({len(summary.skipped)} planned runs without a result left out)" if summary.skipped else ""))
+    return 0
+
+
+@command("import")
+def cmd_import(args: argparse.Namespace) -> int:
+    from repro.bundles import import_bundle
+
+    summary = import_bundle(Path(args.bundle), _store(args))
+    print(f"{args.bundle}: {len(summary.imported)} runs imported, {len(summary.present)} already present with the "
+          f"same numbers, {len(summary.conflicts)} conflicts")
+    for line in summary.conflicts:
+        print(f"conflict: {line}")
     return 0
 
 
@@ -311,6 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "e.g. 'NVIDIA A100-SXM4-80GB'), not on this machine")
         add_scaleout_arguments(p)
 
+    def overridable(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a spec value (repeatable): recipe.epochs=60, "
+                            "methods.KD.losses.kd.temperature=2, cells[3].params.wttm.gamma=0.2, "
+                            "cells[wrn_40_2->wrn_16_2/WTTM].params.wttm.gamma=0.2; the spec file is not written")
+
     sub.add_parser("specs", help="list the specs")
     p = sub.add_parser("schema", help="write the JSON Schema of a spec (for editor completion)")
     p.add_argument("-o", "--output", default=None)
@@ -319,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("spec", help="spec id (e.g. wttm/cifar100-table1) or a YAML path")
         common(p)
+        overridable(p)
         if name == "run":
             running(p)
         else:
@@ -326,9 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="render tables/<output>.md and .csv from the run store")
     p.add_argument("output", help="e.g. wttm-cifar100")
     common(p)
+    overridable(p)
     p = sub.add_parser("table", help="run every spec of an output, then render it")
     p.add_argument("output")
     common(p)
+    overridable(p)
     running(p)
     p = sub.add_parser("smoke", help="every spec at the smoke tier (the CI smoke reproduction)")
     common(p)
@@ -337,6 +422,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", nargs="?", default=None, help="a spec id or YAML path: its runs, started or not")
     p.add_argument("-v", "--verbose", action="store_true")
     common(p)
+    p = sub.add_parser("runs", help="list runs (id, label, tier, status, top-1, epochs, wall time, origin)")
+    p.add_argument("spec", nargs="?", default=None, help="a spec id or YAML path: its planned runs, started or not")
+    p.add_argument("--tier", choices=["smoke", "proxy", "full"], default=None)
+    p.add_argument("--status", default=None,
+                   choices=["pending", "submitted", "running", "interrupted", "done", "failed"])
+    p.add_argument("--seeds", type=int, default=None)
+    p.add_argument("--no-teacher-gate", action="store_true")
+    p.add_argument("--teachers", choices=["train", "checkpoint", "pretrained"], default=None)
+    p.add_argument("--runs", default=None, help="run store folder (default: $REPRO_RUNS or ./runs)")
+    overridable(p)
+    p = sub.add_parser("export", help="write a spec's finished runs into one bundle (tar.gz with sha256 manifest)")
+    p.add_argument("spec")
+    p.add_argument("-o", "--output", required=True, help="the bundle file to write, e.g. wttm-smoke.tar.gz")
+    p.add_argument("--with-weights", action="store_true", help="include model.pt (needed to train on top of them)")
+    common(p)
+    overridable(p)
+    p = sub.add_parser("import", help="verify a bundle and add its runs to the store (never replaces a result)")
+    p.add_argument("bundle")
+    p.add_argument("--runs", default=None, help="run store folder (default: $REPRO_RUNS or ./runs)")
     p = sub.add_parser("teachers", help="fetch the public CIFAR teachers, train them, or precompute their outputs")
     p.add_argument("action", choices=["fetch", "train", "cache"])
     p.add_argument("--dest", default=None,

@@ -81,7 +81,14 @@ def _provenance_marks(r: CellResult, notes: Footnotes) -> str:
         marks.append(notes.mark(f"{r.cell.method}: reported only: {r.method.reported_only}"))
     if r.method.note:
         marks.append(notes.mark(f"{r.cell.method}: {r.method.note}"))
+    if r.overrides:
+        marks.append(notes.mark(_overrides_text(r.overrides)))
     return " ".join(marks)
+
+
+def _overrides_text(overrides: list[str]) -> str:
+    return ("Overridden from the command line (not the spec file): " + ", ".join(f"`--set {o}`" for o in overrides)
+            + "; its runs have their own run ids.")
 
 
 def _metric_text(r: CellResult) -> str:
@@ -142,6 +149,12 @@ def _deviation_lines(spec: Spec, tier: str, results: list[CellResult], notes: Fo
                      "; ".join(f"{k} → {v}" for k, v in sorted(substitutes.items())) + ".")
     for key, p in sorted(spec.recipe_provenance.items()):
         notes.mark(f"recipe `{key}`: {p.source}" + (f", {p.note}" if p.note else ""))
+    overridden = [r for r in results if r.overrides]
+    if overridden:
+        texts = list(dict.fromkeys(o for r in overridden for o in r.overrides))
+        cells = "; ".join(f"{_pair(r)} {r.cell.method}" for r in overridden)
+        lines.append("Deviations from the spec file, set on the command line: " +
+                     ", ".join(f"`--set {t}`" for t in texts) + f" (cells: {cells}).")
     run_devs = sorted({d for r in results for x in r.results for d in x.get("deviations", [])})
     if run_devs:
         lines.append("Run-level settings recorded by the runs: " + "; ".join(run_devs) + ".")
