@@ -131,6 +131,7 @@ def _execute(plan, args: argparse.Namespace) -> int:
     from repro.distributed import is_main_process
     from repro.executors import execute_with_args, runs_elsewhere
 
+    _select_loggers(args)
     store = _store(args)
     # Slurm jobs resolve --device on their own nodes; this machine (a login node, maybe without a GPU) does not.
     device = None if runs_elsewhere(args) else _device(args)
@@ -150,6 +151,20 @@ def _execute(plan, args: argparse.Namespace) -> int:
     print(f"{plan.spec.id} [{plan.tier}]: {len(summary.done)} trained, {len(summary.cached)} cached, "
           f"{len(summary.failed)} failed, {len(summary.blocked)} blocked")
     return 0
+
+
+def _select_loggers(args: argparse.Namespace) -> None:
+    """--log NAMES: checked here (an unknown or uninstalled logger is refused before anything runs), then handed
+    to the trainers (and to worker processes and jobs) through the environment, never through the run config."""
+    import os
+
+    from repro.loggers import ENV, selected_loggers
+
+    if getattr(args, "log", None) is not None:
+        selected_loggers(args.log)
+        os.environ[ENV] = args.log
+    else:
+        selected_loggers()
 
 
 def _report(output: str, args: argparse.Namespace, command_line: str) -> None:
@@ -382,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-progress", action="store_true")
         p.add_argument("--no-estimate", action="store_true", help="skip the throughput micro-benchmark")
         p.add_argument("--budget-hours", type=float, default=None, help="refuse a plan estimated above this")
+        p.add_argument("--log", default=None, metavar="NAMES",
+                       help="run loggers, comma-separated (tensorboard, wandb) or none; default: tensorboard when "
+                            "installed (also $REPRO_LOGGERS)")
         p.add_argument("--estimate-device", default=None,
                        help="--executor slurm: estimate on this device (its name as measured and cached before, "
                             "e.g. 'NVIDIA A100-SXM4-80GB'), not on this machine")

@@ -2,8 +2,9 @@
 
 A key is a dotted path into the spec as written (after its ``base:`` fragment is merged in):
 ``recipe.epochs``, ``tiers.smoke.batch_size``, ``methods.WTTM.losses.wttm.weight``. Cells are addressed by index,
-``cells[3]``, or by pair and method, ``cells[wrn_40_2->wrn_16_2/WTTM]`` (``cells[resnet8/Student]`` for a cell
-without a teacher; ``*`` matches any teacher, student or method: ``cells[*/WTTM]`` is every WTTM cell). The value
+``cells[3]``, or by pair and method, ``cells[wrn_40_2->wrn_16_2/WTTM]`` (``cells[resnet8/Student]``: that student
+and method with any teacher, or none; ``*`` matches any teacher, student or method: ``cells[*/WTTM]`` is every
+WTTM cell). The value
 is parsed as a YAML scalar or list (``0.2``, ``true``, ``null``, ``[150, 180, 210]``).
 
 The overridden data goes through the same schema and domain checks as the file; the file is never written. An
@@ -14,7 +15,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Sequence, Union
 
 import yaml
 
@@ -30,7 +31,7 @@ _NAMED_ENTRIES = ("methods", "models")
 class CellSelector:
     """``[teacher->]student/method``, each part a name or ``*``."""
 
-    teacher: Optional[str]  # None: the cell has no teacher
+    teacher: str  # "*" when the selector names no teacher
     student: str
     method: str
 
@@ -40,7 +41,7 @@ class CellSelector:
                 and self.method in ("*", cell.get("method")))
 
     def __str__(self) -> str:
-        pair = f"{self.teacher}->{self.student}" if self.teacher is not None else self.student
+        pair = f"{self.teacher}->{self.student}" if self.teacher != "*" else self.student
         return f"{pair}/{self.method}"
 
 
@@ -107,8 +108,8 @@ def _parse_selector(selector: str, text: str) -> Union[int, CellSelector]:
                          f"[TEACHER->STUDENT/METHOD] or [STUDENT/METHOD]")
     teacher, arrow, student = pair.partition("->")
     if not arrow:
-        teacher, student = None, pair  # type: ignore[assignment]
-    return CellSelector(teacher.strip() if teacher is not None else None, student.strip(), method.strip())
+        teacher, student = "*", pair
+    return CellSelector(teacher.strip(), student.strip(), method.strip())
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[Override],
@@ -178,7 +179,7 @@ def _descend(node: Any, step: Step, where: str, override: Override, list_next: b
         return [node[step]]
     matched = [cell for cell in node if isinstance(cell, dict) and step.matches(cell)]
     if not matched and not unmatched_cells_ok:
-        known = ", ".join(str(CellSelector(c.get("teacher"), c.get("student"), c.get("method")))
+        known = ", ".join(str(CellSelector(c.get("teacher") or "*", c.get("student"), c.get("method")))
                           for c in node if isinstance(c, dict))
         raise ReproError(f"--set {override.text!r}: no cell matches [{step}]; the cells are: {known}")
     return matched
