@@ -5,10 +5,11 @@ Bad input ends in one line ``error: ...`` on stderr and exit code 2, never a tra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from repro.errors import ReproError
 
@@ -131,7 +132,6 @@ def _execute(plan, args: argparse.Namespace) -> int:
     from repro.distributed import is_main_process
     from repro.executors import execute_with_args, runs_elsewhere
 
-    _select_loggers(args)
     store = _store(args)
     # Slurm jobs resolve --device on their own nodes; this machine (a login node, maybe without a GPU) does not.
     device = None if runs_elsewhere(args) else _device(args)
@@ -147,24 +147,35 @@ def _execute(plan, args: argparse.Namespace) -> int:
             if seconds / 3600 > args.budget_hours:
                 raise ReproError(f"the plan needs about {seconds / 3600:.2f} h on {where}, over --budget-hours "
                                  f"{args.budget_hours}")
-    summary = execute_with_args(plan, store, device, args)
+    with _selected_loggers(args):
+        summary = execute_with_args(plan, store, device, args)
     print(f"{plan.spec.id} [{plan.tier}]: {len(summary.done)} trained, {len(summary.cached)} cached, "
           f"{len(summary.failed)} failed, {len(summary.blocked)} blocked")
     return 0
 
 
-def _select_loggers(args: argparse.Namespace) -> None:
+@contextlib.contextmanager
+def _selected_loggers(args: argparse.Namespace) -> Iterator[None]:
     """--log NAMES: checked here (an unknown or uninstalled logger is refused before anything runs), then handed
-    to the trainers (and to worker processes and jobs) through the environment, never through the run config."""
+    to the trainers (and to the jobs submitted meanwhile) through the environment, never through the run config;
+    the environment is restored afterwards."""
     import os
 
     from repro.loggers import ENV, selected_loggers
 
-    if getattr(args, "log", None) is not None:
-        selected_loggers(args.log)
-        os.environ[ENV] = args.log
-    else:
-        selected_loggers()
+    value = getattr(args, "log", None)
+    selected_loggers(value)
+    previous = os.environ.get(ENV)
+    if value is not None:
+        os.environ[ENV] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if previous is None:
+                os.environ.pop(ENV, None)
+            else:
+                os.environ[ENV] = previous
 
 
 def _report(output: str, args: argparse.Namespace, command_line: str) -> None:

@@ -31,7 +31,10 @@ class RunLogger:
     def available(cls) -> bool:
         import importlib.util
 
-        return importlib.util.find_spec(cls.package) is not None
+        try:
+            return importlib.util.find_spec(cls.package) is not None
+        except (ImportError, ValueError):  # a module without a spec (e.g. blocked in sys.modules)
+            return False
 
     def log_epoch(self, epoch: int, scalars: dict[str, float]) -> None:
         raise NotImplementedError
