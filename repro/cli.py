@@ -37,34 +37,18 @@ def _store(args: argparse.Namespace):
     return RunStore(Path(args.runs) if args.runs else None)
 
 
-def _plan(spec_ref: str, args: argparse.Namespace, unmatched_cells_ok: bool = False):
-    from repro.plan import plan_spec
+def _plan(spec_ref: str, args: argparse.Namespace):
+    from repro import api
 
-    return plan_spec(spec_ref, args.tier, args.seeds, teacher_gate=not args.no_teacher_gate,
-                     teacher_source=args.teachers, overrides=getattr(args, "overrides", None) or (),
-                     unmatched_cells_ok=unmatched_cells_ok)
+    return api.plan(spec_ref, args.tier, args.seeds, getattr(args, "overrides", None) or (),
+                    teacher_gate=not args.no_teacher_gate, teacher_source=args.teachers)
 
 
 def _output_plans(output: str, args: argparse.Namespace) -> list:
-    """The plans of every spec that renders into ``output``. With several specs a ``--set`` on cells applies
-    where its cells are; an override that reaches no spec, or a cell index (ambiguous there), is an error."""
-    from repro.overrides import parse_override
-    from repro.spec import specs_for_output
+    from repro import api
 
-    spec_ids = specs_for_output(output)
-    overrides = getattr(args, "overrides", None) or []
-    several = len(spec_ids) > 1
-    if several:
-        for text in overrides:
-            if any(isinstance(step, int) for step in parse_override(text).path):
-                raise ReproError(f"--set {text!r}: output {output!r} renders {len(spec_ids)} specs, so a cell index "
-                                 f"is ambiguous; address the cell as cells[TEACHER->STUDENT/METHOD]")
-    plans = [_plan(spec_id, args, unmatched_cells_ok=several) for spec_id in spec_ids]
-    reached = {text for plan in plans for text in plan.overrides}
-    for text in overrides:
-        if parse_override(text).text not in reached:
-            raise ReproError(f"--set {text!r}: matches no cell of any spec of output {output!r}")
-    return plans
+    return api.output_plans(output, args.tier, args.seeds, getattr(args, "overrides", None) or (),
+                            teacher_gate=not args.no_teacher_gate, teacher_source=args.teachers)
 
 
 def _print_plan(plan, store, device, estimate: bool = True, cost=None) -> Optional[float]:
@@ -179,18 +163,18 @@ def _selected_loggers(args: argparse.Namespace) -> Iterator[None]:
 
 
 def _report(output: str, args: argparse.Namespace, command_line: str) -> None:
-    from repro.compare import compare_plan
-    from repro.render.tables import render_output
+    from repro import api
 
-    store = _store(args)
-    sections = [(plan, compare_plan(plan, store)) for plan in _output_plans(output, args)]
-    md, csv = render_output(output, args.tier, sections, Path(args.tables), command_line)
+    md, csv = api.report(output, args.tier, args.runs, args.tables, command=command_line,
+                         plans=_output_plans(output, args))
     print(f"wrote {md} and {csv}")
 
 
 def _set_flags(args: argparse.Namespace) -> str:
     """The --set part of a command line, as stamped on a table."""
-    return "".join(f" --set {text}" for text in getattr(args, "overrides", None) or [])
+    import shlex
+
+    return "".join(f" --set {shlex.quote(text)}" for text in getattr(args, "overrides", None) or [])
 
 
 # -- commands ----------------------------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, PrivateAttr, ValidationError,
+                      field_validator, model_validator)
 
 from repro.errors import ReproError
 
@@ -240,6 +240,7 @@ class Spec(Strict):
     cells: list[Cell]
     claims: list[Claim] = []
     notes: list[str] = []
+    _loaded_as: Optional[tuple[str, tuple[str, ...]]] = PrivateAttr(default=None)  # repro.api: (ref, --set)
 
     @model_validator(mode="after")
     def _cells_name_known_methods(self) -> "Spec":

@@ -119,3 +119,26 @@ def test_overridden_run_records_its_override(workdirs):
     store = RunStore(workdirs["runs"])
     md, _ = render_output("test-ddp", "smoke", [(plan, compare_plan(plan, store))], workdirs["tables"], "test")
     assert "`--set tiers.smoke.epochs=1`" in md.read_text()
+
+
+def test_api_plan_records_overrides_like_the_cli():
+    from repro import api
+
+    planned = api.plan(api.load_spec(TINY_SPEC, overrides=[WTTM_GAMMA]), "smoke")
+    direct = plan_spec(TINY_SPEC, "smoke", overrides=[WTTM_GAMMA])
+    assert list(planned.runs) == list(direct.runs)
+    assert [r.overrides for r in planned.ordered()] == [r.overrides for r in direct.ordered()]
+
+
+def test_cell_override_on_an_output_of_several_specs_reaches_the_specs_holding_the_cell(workdirs):
+    from repro import api
+    from repro.errors import ReproError
+
+    text = "cells[resnet56->resnet20/WTTM].params.wttm.gamma=0.2"
+    plans = api.output_plans("wttm-cifar100", "smoke", overrides=[text])
+    reached = [p.spec.id for p in plans if p.overrides]
+    holding = [p.spec.id for p in plans if any(c.teacher == "resnet56" and c.student == "resnet20"
+                                               and c.method == "WTTM" for c in p.spec.cells)]
+    assert reached == holding and reached
+    with pytest.raises(ReproError, match="matches no cell"):
+        api.output_plans("wttm-cifar100", "smoke", overrides=["cells[resnet56->resnet20/NOPE].seeds=2"])
