@@ -105,8 +105,8 @@ def _origin(run: dict[str, Any]) -> str:
 
 
 def _origin_marks(r: CellResult, notes: Footnotes, per_cell: bool) -> str:
-    """Where a cell's runs were computed (host, commit), when the table pools runs of several origins (runs
-    imported from other machines' bundles); with one origin the stamp says it for every cell."""
+    """Where a cell's runs were computed (host, commit), when the table pools runs of several hosts (runs
+    imported from other machines' bundles); with one host the stamp's hosts and commits hold for every cell."""
     if not per_cell or not r.results:
         return ""
     counts: dict[str, int] = {}
@@ -277,9 +277,9 @@ def render_output(output: str, tier: str, sections: list[tuple[Plan, list[CellRe
     if tier != "full":
         parts += [f"**These are {tier}-tier numbers**: they check that every cell runs end to end, not the paper's "
                   f"values; they are never called reproduced.", ""]
-    origins = {_origin(x) for r in all_results for x in r.results}
+    hosts = {x.get("hostname", "?") for r in all_results for x in r.results}  # several: pooled from elsewhere
     for plan, results in sections:
-        parts.append(section_markdown(plan.spec, tier, results, per_cell_origin=len(origins) > 1))
+        parts.append(section_markdown(plan.spec, tier, results, per_cell_origin=len(hosts) > 1))
     claims = claims_markdown(sections)
     if claims:
         parts.append(claims)
