@@ -5,10 +5,11 @@ Bad input ends in one line ``error: ...`` on stderr and exit code 2, never a tra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from repro.errors import ReproError
 
@@ -37,12 +38,17 @@ def _store(args: argparse.Namespace):
 
 
 def _plan(spec_ref: str, args: argparse.Namespace):
-    from repro.plan import make_plan
-    from repro.spec import load_spec
+    from repro import api
 
-    spec = load_spec(spec_ref)
-    return make_plan(spec, args.tier, args.seeds, teacher_gate=not args.no_teacher_gate,
-                     teacher_source=args.teachers)
+    return api.plan(spec_ref, args.tier, args.seeds, getattr(args, "overrides", None) or (),
+                    teacher_gate=not args.no_teacher_gate, teacher_source=args.teachers)
+
+
+def _output_plans(output: str, args: argparse.Namespace) -> list:
+    from repro import api
+
+    return api.output_plans(output, args.tier, args.seeds, getattr(args, "overrides", None) or (),
+                            teacher_gate=not args.no_teacher_gate, teacher_source=args.teachers)
 
 
 def _print_plan(plan, store, device, estimate: bool = True, cost=None) -> Optional[float]:
@@ -55,6 +61,8 @@ def _print_plan(plan, store, device, estimate: bool = True, cost=None) -> Option
     total: Optional[float] = 0.0 if cost is not None else None
     refusal = None
     print(f"plan {plan.spec.id} [tier {plan.tier}]: {len(plan.runs)} runs")
+    for text in plan.inert_overrides:
+        print(f"note: --set {text} changes no run at tier {plan.tier}{_inert_hint(plan, text)}")
     for run in plan.ordered():
         result = store.result(run.run_id)
         status = result["status"] if result else "pending"
@@ -66,12 +74,25 @@ def _print_plan(plan, store, device, estimate: bool = True, cost=None) -> Option
                 est = f"~{format_duration(seconds)}"
             except CannotEstimate as err:
                 refusal, total = str(err), None
-        print(f"  {run.run_id}  {status:8s} {est:>10s}  {run.label}")
+        overridden = f"  [--set {', '.join(run.overrides)}]" if run.overrides else ""
+        print(f"  {run.run_id}  {status:8s} {est:>10s}  {run.label}{overridden}")
     if refusal is not None:
         print(f"no time estimate: {refusal}")
     elif cost is not None:
         print(f"estimated time for pending runs on {cost.device_key}: {format_duration(total)}")
     return total
+
+
+def _inert_hint(plan, text: str) -> str:
+    key = text.split("=", 1)[0]
+    if not key.startswith("recipe."):
+        return ""
+    node = plan.spec.tiers.get(plan.tier, {})
+    for part in key.split(".")[1:]:
+        if not isinstance(node, dict) or part not in node:
+            return ""
+        node = node[part]
+    return f" (the tier sets it: use --set tiers.{plan.tier}.{key.removeprefix('recipe.')}=...)"
 
 
 def _remote_cost(store, args: argparse.Namespace):
@@ -110,24 +131,50 @@ def _execute(plan, args: argparse.Namespace) -> int:
             if seconds / 3600 > args.budget_hours:
                 raise ReproError(f"the plan needs about {seconds / 3600:.2f} h on {where}, over --budget-hours "
                                  f"{args.budget_hours}")
-    summary = execute_with_args(plan, store, device, args)
+    with _selected_loggers(args):
+        summary = execute_with_args(plan, store, device, args)
     print(f"{plan.spec.id} [{plan.tier}]: {len(summary.done)} trained, {len(summary.cached)} cached, "
           f"{len(summary.failed)} failed, {len(summary.blocked)} blocked")
     return 0
 
 
-def _report(output: str, args: argparse.Namespace, command_line: str) -> None:
-    from repro.compare import compare_plan
-    from repro.render.tables import render_output
-    from repro.spec import specs_for_output
+@contextlib.contextmanager
+def _selected_loggers(args: argparse.Namespace) -> Iterator[None]:
+    """--log NAMES: checked here (an unknown or uninstalled logger is refused before anything runs), then handed
+    to the trainers (and to the jobs submitted meanwhile) through the environment, never through the run config;
+    the environment is restored afterwards."""
+    import os
 
-    store = _store(args)
-    sections = []
-    for spec_id in specs_for_output(output):
-        plan = _plan(spec_id, args)
-        sections.append((plan, compare_plan(plan, store)))
-    md, csv = render_output(output, args.tier, sections, Path(args.tables), command_line)
+    from repro.loggers import ENV, selected_loggers
+
+    value = getattr(args, "log", None)
+    selected_loggers(value)
+    previous = os.environ.get(ENV)
+    if value is not None:
+        os.environ[ENV] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if previous is None:
+                os.environ.pop(ENV, None)
+            else:
+                os.environ[ENV] = previous
+
+
+def _report(output: str, args: argparse.Namespace, command_line: str) -> None:
+    from repro import api
+
+    md, csv = api.report(output, args.tier, args.runs, args.tables, command=command_line,
+                         plans=_output_plans(output, args))
     print(f"wrote {md} and {csv}")
+
+
+def _set_flags(args: argparse.Namespace) -> str:
+    """The --set part of a command line, as stamped on a table."""
+    import shlex
+
+    return "".join(f" --set {shlex.quote(text)}" for text in getattr(args, "overrides", None) or [])
 
 
 # -- commands ----------------------------------------------------------------------------------------------------
@@ -167,7 +214,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 @command("report")
 def cmd_report(args: argparse.Namespace) -> int:
-    _report(args.output, args, f"repro report {args.output} --tier {args.tier}")
+    _report(args.output, args, f"repro report {args.output} --tier {args.tier}{_set_flags(args)}")
     return 0
 
 
@@ -175,12 +222,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_table(args: argparse.Namespace) -> int:
     """Run every spec that renders into ``tables/<output>.md``, then render it."""
     from repro.distributed import is_main_process
-    from repro.spec import specs_for_output
 
-    for spec_id in specs_for_output(args.output):
-        _execute(_plan(spec_id, args), args)
+    for plan in _output_plans(args.output, args):
+        _execute(plan, args)
     if is_main_process():  # one writer for the table files
-        _report(args.output, args, f"repro table {args.output} --tier {args.tier}")
+        _report(args.output, args, f"repro table {args.output} --tier {args.tier}{_set_flags(args)}")
     return 0
 
 
@@ -227,6 +273,46 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     plan = _plan(args.spec, args) if args.spec else None
     print_status(_store(args), plan, verbose=args.verbose)
+    return 0
+
+
+@command("runs")
+def cmd_runs(args: argparse.Namespace) -> int:
+    """The runs of the store, or of a spec's plans (every tier unless --tier), as a table."""
+    from repro.inventory import runs_rows, runs_table
+    from repro.spec import TIERS
+
+    plans = []
+    if args.spec:
+        for tier in [args.tier] if args.tier else TIERS:
+            args_tier = argparse.Namespace(**{**vars(args), "tier": tier})
+            plans.append(_plan(args.spec, args_tier))
+    rows = runs_rows(_store(args), plans, args.tier, args.status)
+    if rows:
+        print(runs_table(rows))
+    print(f"{len(rows)} runs" + (f" with status {args.status}" if args.status else ""))
+    return 0
+
+
+@command("export")
+def cmd_export(args: argparse.Namespace) -> int:
+    from repro.bundles import export_bundle
+
+    summary = export_bundle([_plan(args.spec, args)], _store(args), Path(args.output), args.with_weights)
+    print(f"wrote {summary.path}: {len(summary.runs)} runs" +
+          (f" ({len(summary.skipped)} planned runs without a result left out)" if summary.skipped else ""))
+    return 0
+
+
+@command("import")
+def cmd_import(args: argparse.Namespace) -> int:
+    from repro.bundles import import_bundle
+
+    summary = import_bundle(Path(args.bundle), _store(args))
+    print(f"{args.bundle}: {len(summary.imported)} runs imported, {len(summary.present)} already present with the "
+          f"same numbers, {len(summary.conflicts)} conflicts")
+    for line in summary.conflicts:
+        print(f"conflict: {line}")
     return 0
 
 
@@ -306,10 +392,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-progress", action="store_true")
         p.add_argument("--no-estimate", action="store_true", help="skip the throughput micro-benchmark")
         p.add_argument("--budget-hours", type=float, default=None, help="refuse a plan estimated above this")
+        p.add_argument("--log", default=None, metavar="NAMES",
+                       help="run loggers, comma-separated (tensorboard, wandb) or none; default: tensorboard when "
+                            "installed (also $REPRO_LOGGERS)")
         p.add_argument("--estimate-device", default=None,
                        help="--executor slurm: estimate on this device (its name as measured and cached before, "
                             "e.g. 'NVIDIA A100-SXM4-80GB'), not on this machine")
         add_scaleout_arguments(p)
+
+    def overridable(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a spec value (repeatable): recipe.epochs=60, "
+                            "methods.KD.losses.kd.temperature=2, cells[3].params.wttm.gamma=0.2, "
+                            "cells[wrn_40_2->wrn_16_2/WTTM].params.wttm.gamma=0.2; the spec file is not written")
 
     sub.add_parser("specs", help="list the specs")
     p = sub.add_parser("schema", help="write the JSON Schema of a spec (for editor completion)")
@@ -319,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("spec", help="spec id (e.g. wttm/cifar100-table1) or a YAML path")
         common(p)
+        overridable(p)
         if name == "run":
             running(p)
         else:
@@ -326,9 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="render tables/<output>.md and .csv from the run store")
     p.add_argument("output", help="e.g. wttm-cifar100")
     common(p)
+    overridable(p)
     p = sub.add_parser("table", help="run every spec of an output, then render it")
     p.add_argument("output")
     common(p)
+    overridable(p)
     running(p)
     p = sub.add_parser("smoke", help="every spec at the smoke tier (the CI smoke reproduction)")
     common(p)
@@ -337,6 +435,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", nargs="?", default=None, help="a spec id or YAML path: its runs, started or not")
     p.add_argument("-v", "--verbose", action="store_true")
     common(p)
+    p = sub.add_parser("runs", help="list runs (id, label, tier, status, top-1, epochs, wall time, origin)")
+    p.add_argument("spec", nargs="?", default=None, help="a spec id or YAML path: its planned runs, started or not")
+    p.add_argument("--tier", choices=["smoke", "proxy", "full"], default=None)
+    p.add_argument("--status", default=None,
+                   choices=["pending", "submitted", "running", "interrupted", "done", "failed"])
+    p.add_argument("--seeds", type=int, default=None)
+    p.add_argument("--no-teacher-gate", action="store_true")
+    p.add_argument("--teachers", choices=["train", "checkpoint", "pretrained"], default=None)
+    p.add_argument("--runs", default=None, help="run store folder (default: $REPRO_RUNS or ./runs)")
+    overridable(p)
+    p = sub.add_parser("export", help="write a spec's finished runs into one bundle (tar.gz with sha256 manifest)")
+    p.add_argument("spec")
+    p.add_argument("-o", "--output", required=True, help="the bundle file to write, e.g. wttm-smoke.tar.gz")
+    p.add_argument("--with-weights", action="store_true", help="include model.pt (needed to train on top of them)")
+    common(p)
+    overridable(p)
+    p = sub.add_parser("import", help="verify a bundle and add its runs to the store (never replaces a result)")
+    p.add_argument("bundle")
+    p.add_argument("--runs", default=None, help="run store folder (default: $REPRO_RUNS or ./runs)")
     p = sub.add_parser("teachers", help="fetch the public CIFAR teachers, train them, or precompute their outputs")
     p.add_argument("action", choices=["fetch", "train", "cache"])
     p.add_argument("--dest", default=None,

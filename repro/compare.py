@@ -51,6 +51,7 @@ class CellResult:
     verdict: str = "pending"
     delta: Optional[float] = None
     tolerance: Optional[float] = None
+    overrides: list[str] = field(default_factory=list)  # --set overrides its runs were planned (or recorded) with
 
     @property
     def reported(self) -> Reported:
@@ -112,10 +113,21 @@ def compare_cell(spec_id: str, table: str, cell: Cell, method: MethodDef, run_id
         out.mean, out.std = _mean_std(measured)
         out.n = len(finished)
     out.verdict = verdict_for(out)
+    out.overrides = _unique([o for r in finished for o in r.get("overrides", [])])
     return out
+
+
+def _unique(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))
 
 
 def compare_plan(plan: Plan, store: RunStore) -> list[CellResult]:
     recipe = plan.spec.recipe_for(plan.tier)
-    return [compare_cell(plan.spec.id, plan.spec.table, c.cell, c.method, c.run_ids, plan.tier, recipe.metric, store)
-            for c in plan.cells]
+    out = []
+    for c in plan.cells:
+        result = compare_cell(plan.spec.id, plan.spec.table, c.cell, c.method, c.run_ids, plan.tier, recipe.metric,
+                              store)
+        planned = [o for rid in c.run_ids for o in plan.runs[rid].overrides]  # pending runs are marked too
+        result.overrides = _unique(result.overrides + planned)
+        out.append(result)
+    return out

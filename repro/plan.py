@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from repro.errors import ReproError
 from repro.spec import Cell, LossSpec, MethodDef, Recipe, Spec, deep_merge
@@ -25,6 +25,7 @@ class PlannedRun:
     config: dict[str, Any]
     label: str
     deps: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)  # the --set overrides that made this config (result.json)
 
 
 @dataclass
@@ -40,6 +41,8 @@ class Plan:
     tier: str
     runs: dict[str, PlannedRun]  # insertion order is a topological order (dependencies first)
     cells: list[CellRuns]
+    overrides: list[str] = field(default_factory=list)  # --set overrides that reached this spec
+    inert_overrides: list[str] = field(default_factory=list)  # of those, the ones that changed no run at this tier
 
     def ordered(self) -> list[PlannedRun]:
         return list(self.runs.values())
@@ -269,3 +272,37 @@ def make_plan(spec: Spec, tier: str, seeds: Optional[int] = None, teacher_gate: 
     if seeds is not None and seeds < 1:
         raise ReproError(f"--seeds must be at least 1, got {seeds}")
     return Planner(spec, tier, seeds, teacher_gate, teacher_source).plan()
+
+
+def plan_spec(spec_ref: str, tier: str, seeds: Optional[int] = None, teacher_gate: bool = True,
+              teacher_source: Optional[str] = None, overrides: Sequence[str] = (),
+              unmatched_cells_ok: bool = False) -> Plan:
+    """Load a spec (with its ``--set`` overrides, ``repro.overrides``) and plan it: what the CLI and
+    ``repro.api`` call.
+
+    Each run an override changed records the overrides it needs (``PlannedRun.overrides``): those without which
+    the plan no longer contains that run (leave one out), so ``cells[0]...`` is not recorded on cell 1's runs.
+    """
+    from repro.overrides import apply_overrides, parse_override
+    from repro.spec import load_spec, read_spec_data
+
+    def planned(chosen: Sequence[Any]) -> Plan:
+        return make_plan(load_spec(spec_ref, overrides=chosen), tier, seeds, teacher_gate, teacher_source)
+
+    parsed = [parse_override(text) for text in overrides]
+    reaching = apply_overrides(read_spec_data(spec_ref)[1], parsed, unmatched_cells_ok)[1] if parsed else []
+    plan = planned(reaching)
+    if not reaching:
+        return plan
+    base = set(planned([]).runs)
+    without = {o.text: set(planned([x for x in reaching if x is not o]).runs) if len(reaching) > 1 else base
+               for o in reaching}
+    used: set[str] = set()
+    for run in plan.ordered():
+        if run.run_id in base:
+            continue
+        run.overrides = [o.text for o in reaching if run.run_id not in without[o.text]] or [o.text for o in reaching]
+        used.update(run.overrides)
+    plan.overrides = [o.text for o in reaching]
+    plan.inert_overrides = [o.text for o in reaching if o.text not in used]
+    return plan

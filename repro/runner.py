@@ -48,6 +48,9 @@ def load_run_model(store: RunStore, run_id: str, device: torch.device) -> tuple[
         model, key = load_eval_model(config)
     else:
         path = store.model_path(run_id)
+        if not path.is_file():
+            raise ReproError(f"run {run_id} has a result but no weights ({path}); if it was imported, import a "
+                             f"bundle exported with --with-weights to train on top of it")
         model = create_model(model_cfg["arch"], num_classes=model_cfg["num_classes"], **model_cfg.get("args", {}))
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         key = file_sha256(path)
@@ -127,6 +130,8 @@ def execute_run(run: PlannedRun, store: RunStore, device: torch.device, progress
         status, extra = "done", {}
     except RunFailed as failure:
         fields, status, extra = failure.details, "failed", {"reason": failure.reason}
+    if run.overrides:  # what the config was made with, beyond the spec file (stamped on every table showing it)
+        extra = {**extra, "overrides": run.overrides}
     result = stamp({"run_id": run.run_id, "label": run.label, "status": status, "kind": run.config["kind"],
                     "tier": run.config["tier"], "seed": run.config.get("seed"), **fields, **extra,
                     "wall_time_s": time.time() - started}, device)

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, PrivateAttr, ValidationError,
+                      field_validator, model_validator)
 
 from repro.errors import ReproError
+
+if TYPE_CHECKING:
+    from repro.overrides import Override
 
 SPEC_ROOT = Path(__file__).parent / "specs"
 TIERS = ("smoke", "proxy", "full")
@@ -261,6 +264,7 @@ class Spec(Strict):
     cells: list[Cell]
     claims: list[Claim] = []
     notes: list[str] = []
+    _loaded_as: Optional[tuple[str, tuple[str, ...]]] = PrivateAttr(default=None)  # repro.api: (ref, --set)
 
     @model_validator(mode="after")
     def _cells_name_known_methods(self) -> "Spec":
@@ -339,8 +343,8 @@ def spec_path(spec_ref: str) -> Path:
     return by_id
 
 
-def load_spec(spec_ref: str, check_models: bool = True, check_sources: bool = True) -> Spec:
-    """Read, validate and check a spec; ``check_sources``: also follow its cells' ``init_from`` chains."""
+def read_spec_data(spec_ref: str) -> tuple[Path, dict[str, Any]]:
+    """The spec's data as written, with its ``base:`` fragment merged in (not validated yet)."""
     path = spec_path(spec_ref)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -354,6 +358,27 @@ def load_spec(spec_ref: str, check_models: bool = True, check_sources: bool = Tr
         raise ReproError(f"spec {path}: expected a mapping at the top level, got {type(raw).__name__}")
     if raw.get("base"):
         raw = deep_merge(_read_base(raw["base"], path), raw)
+    return path, raw
+
+
+def load_spec(spec_ref: str, check_models: bool = True, overrides: Sequence["Override"] = (),
+              check_sources: bool = True) -> Spec:
+    """Read, merge, override (``--set``: ``repro.overrides``) and validate a spec; the file is never written.
+    ``check_sources``: also follow its cells' ``init_from`` chains."""
+    from repro.overrides import apply_overrides, describe
+
+    path, raw = read_spec_data(spec_ref)
+    if overrides:
+        raw, _ = apply_overrides(raw, overrides)
+    try:
+        return _validated_spec(raw, path, check_models, check_sources)
+    except ReproError as err:
+        if not overrides:
+            raise
+        raise ReproError(f"{err} (with --set {describe(overrides)})") from None
+
+
+def _validated_spec(raw: dict[str, Any], path: Path, check_models: bool, check_sources: bool) -> Spec:
     try:
         spec = Spec.model_validate(raw)
     except ValidationError as err:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from repro import distributed, numerics
 from repro.distributed import ScaleOptions, all_reduce_sum
 from repro.errors import ReproError
+from repro.loggers import EpochLog
 from repro.methods import Distiller, TermContext, get_term
 from repro.methods.base import Batch, TeacherFn, forward_model
 from repro.models import create_model
@@ -192,6 +193,19 @@ def batch_entropy(logits: torch.Tensor) -> torch.Tensor:
     (the training loop sums it there and reads it once per epoch); WTTM Figure 1 plots it per epoch."""
     log_q = F.log_softmax(logits.detach().float(), dim=1)
     return -(log_q.exp() * log_q).sum(dim=1).mean()
+
+
+NOT_LOSSES = ("entropy", "train_top1", "train_top5")  # epoch means the accumulator keeps beside the loss terms
+
+
+def train_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Top-1/top-5 (percent) of a training batch against its hard labels, as device tensors (no host read);
+    under mixup/cutmix this is against each image's own label."""
+    with torch.no_grad():
+        k = min(5, logits.shape[-1])
+        top = logits.detach().topk(k, dim=-1).indices
+        hits = top == labels.view(-1, 1)
+        return {"train_top1": hits[:, 0].float().mean() * 100.0, "train_top5": hits.any(dim=-1).float().mean() * 100.0}
 
 
 def mean_entropy(logits: torch.Tensor) -> float:
@@ -396,23 +410,12 @@ class Trainer:
         steps_per_epoch = len(self.train_loader)
         bar = tqdm(total=epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, desc=self.run_id[:8],
                    leave=False, disable=not self.progress, mininterval=1.0, unit="step")
-        images_seen, train_seconds = 0, 0.0
-        for epoch in range(start_epoch + 1, epochs + 1):
-            self.scheduler.step(epoch - 1)  # 0-based t at the start of 1-based epoch `epoch`
-            t0 = time.perf_counter()
-            sums, n_images = self._train_epoch(epoch, bar)
-            train_seconds += time.perf_counter() - t0
-            images_seen += n_images
-            scores = evaluate(self.student, self.test_loader, self._autocast, sharded=self.test_sharded)
-            means = {k: v / max(n_images, 1) for k, v in sums.items()}
-            row = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
-                   **{f"loss_{k}": v for k, v in means.items() if k != "entropy"},
-                   "entropy": means.get("entropy"), "test_top1": scores["top1"], "test_top5": scores["top5"],
-                   "test_images": scores["images"], "wall_time_s": time.perf_counter() - t0}
-            history.append(row)
-            if scores["top1"] > best["top1"]:
-                best = {"top1": scores["top1"], "top5": scores["top5"], "epoch": epoch}
-            self._save_checkpoint(epoch, best, history)
+        log = EpochLog(self.store.run_dir(self.run_id), self.run_id, self.run_id, self.config, start_epoch,
+                       None if self.par.is_main else [])  # rank 0 logs
+        try:
+            history, best, images_seen, train_seconds = self._epochs(start_epoch, epochs, bar, log, history, best)
+        finally:
+            log.close()
         bar.close()
         if self.par.is_main:
             atomic_torch_save(self.store.model_path(self.run_id), self.student.state_dict())
@@ -428,6 +431,31 @@ class Trainer:
             "data_fingerprint": self.data.fingerprint, "deviations": self.deviations,
             "term_reports": self._term_reports(),
         }
+
+    def _epochs(self, start_epoch: int, epochs: int, bar: Any, log: EpochLog, history: list[dict[str, Any]],
+                best: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any], int, float]:
+        images_seen, train_seconds = 0, 0.0
+        for epoch in range(start_epoch + 1, epochs + 1):
+            self.scheduler.step(epoch - 1)  # 0-based t at the start of 1-based epoch `epoch`
+            t0 = time.perf_counter()
+            sums, n_images = self._train_epoch(epoch, bar)
+            epoch_seconds = time.perf_counter() - t0
+            train_seconds += epoch_seconds
+            images_seen += n_images
+            scores = evaluate(self.student, self.test_loader, self._autocast, sharded=self.test_sharded)
+            means = {k: v / max(n_images, 1) for k, v in sums.items()}
+            row = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
+                   **{f"loss_{k}": v for k, v in means.items() if k not in NOT_LOSSES},
+                   "entropy": means.get("entropy"), "train_top1": means.get("train_top1"),
+                   "train_top5": means.get("train_top5"), "test_top1": scores["top1"], "test_top5": scores["top5"],
+                   "test_images": scores["images"], "images_per_s": n_images / epoch_seconds if epoch_seconds else None,
+                   "wall_time_s": time.perf_counter() - t0}
+            history.append(row)
+            if scores["top1"] > best["top1"]:
+                best = {"top1": scores["top1"], "top5": scores["top5"], "epoch": epoch}
+            self._save_checkpoint(epoch, best, history)
+            log.log(row)
+        return history, best, images_seen, train_seconds
 
     def _term_reports(self) -> dict[str, Any]:
         """What loss terms decided before training (SSTA's heads, their scores and rule), by term name."""
@@ -459,7 +487,7 @@ class Trainer:
                     with nullcontext() if syncing else self.train_step.no_sync():
                         b, losses, total, logits = self._micro_step(micro, global_count, epoch, step)
                     n_images += b
-                    acc.add(step + 1, b, losses, total, batch_entropy(logits))
+                    acc.add(step + 1, b, losses, total, batch_entropy(logits), train_accuracy(logits, micro.labels))
                 if self.recipe.clip_grad_norm:
                     nn.utils.clip_grad_norm_(self.student.parameters(), self.recipe.clip_grad_norm)
                 self.optimizer.step()
@@ -518,9 +546,9 @@ class EpochAccumulator:
         self.host_bad_step = 0
 
     def add(self, step: int, images: int, losses: dict[str, torch.Tensor], total: torch.Tensor,
-            entropy: torch.Tensor) -> None:
+            entropy: torch.Tensor, accuracy: Optional[dict[str, torch.Tensor]] = None) -> None:
         values = {**{name: value.detach() for name, value in losses.items()}, "total": total.detach(),
-                  "entropy": entropy.detach()}
+                  "entropy": entropy.detach(), **(accuracy or {})}
         for name, value in values.items():
             weighted = value.to(torch.float64) * images
             self.sums[name] = weighted if name not in self.sums else self.sums[name] + weighted
