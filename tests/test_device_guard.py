@@ -63,6 +63,10 @@ CASES: dict[str, Case] = {
                                    fake_device="choosing heads reads importance scores to the host"),
     "deit_hard": Case(student="vit_smoke_tiny_distilled", teacher="resnet8"),
     "deit_soft": Case(student="vit_smoke_tiny_distilled", teacher="resnet8", params={"temperature": 3.0}),
+    "nkd": Case(params={"gamma": 1.0}),
+    "ctkd": Case(),
+    "ctkd (dkd)": Case(params={"base": "dkd", "alpha": 1.0, "beta": 1.0}),
+    "vitkd": Case(student="vit_smoke_tiny", teacher="vit_smoke_small"),
 }
 
 

@@ -42,9 +42,30 @@ def test_feature_contract():
     model = create_model("vit_smoke_tiny", num_classes=5).eval()
     x = torch.randn(2, 3, 32, 32)
     feats, logits = model(x, is_feat=True)
-    assert feats[0].shape == (2, 65, 96) and feats[1].shape == (2, 96)
+    assert len(feats) == 5  # blocks 1-3, the final normalised tokens, the pooled vector (depth 4)
+    assert all(f.shape == (2, 65, 96) for f in feats[:-1]) and feats[-1].shape == (2, 96)
     torch.testing.assert_close(logits, model(x))
-    torch.testing.assert_close(logits, model.vit.head(feats[1]))
+    torch.testing.assert_close(logits, model.vit.head(feats[-1]))
+    # the last two entries are what the contract returned before per-block features (unchanged behaviour)
+    torch.testing.assert_close(feats[-2], model.vit.forward_features(x))
+    torch.testing.assert_close(feats[-1], model.vit.forward_head(model.vit.forward_features(x), pre_logits=True))
+    assert model.num_prefix_tokens == 1 and model.embed_dim == 96
+
+
+def test_feature_contract_block_outputs_are_the_blocks_own():
+    # An independent walk through timm's blocks: patch embed, position embed, pre-norm, block by block.
+    model = create_model("vit_smoke_tiny", num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    feats, _ = model(x, is_feat=True)
+    vit = model.vit
+    tokens = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+    for i, block in enumerate(vit.blocks):
+        tokens = block(tokens)
+        expected = vit.norm(tokens) if i == len(vit.blocks) - 1 else tokens
+        torch.testing.assert_close(feats[i], expected)
+    assert not any(block._forward_hooks for block in vit.blocks)  # the hooks are gone after the call
+    distilled = create_model("vit_smoke_tiny_distilled", num_classes=5)
+    assert distilled.num_prefix_tokens == 2
 
 
 def test_distilled_heads_average_unless_distilled_training():
@@ -52,7 +73,7 @@ def test_distilled_heads_average_unless_distilled_training():
     x = torch.randn(2, 3, 32, 32)
     model.train()
     feats, averaged = model(x, is_feat=True)
-    tokens = feats[0]
+    tokens = feats[-2]
     cls_logits = model.vit.head(tokens[:, 0])
     dist_logits = model.vit.head_dist(tokens[:, 1])
     torch.testing.assert_close(averaged, (cls_logits + dist_logits) / 2)  # timm's default, train == eval

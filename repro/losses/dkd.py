@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from repro.losses.logit import at_least_float32, kl_rows
+from repro.losses.logit import as_temperature, at_least_float32, kl_rows
 
 
 def _non_target_index(labels: Tensor, classes: int) -> Tensor:
@@ -30,10 +30,10 @@ def _split_log_probs(scaled_logits: Tensor, labels: Tensor, other_index: Tensor)
     return torch.stack([log_target, log_other], dim=1), F.log_softmax(others, dim=1)
 
 
-def dkd_parts(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float = 4.0
+def dkd_parts(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float | Tensor = 4.0
               ) -> tuple[Tensor, Tensor]:
-    """(TCKD, NCKD), each batch-mean and multiplied by T^2 as in mdistiller."""
-    t = float(temperature)
+    """(TCKD, NCKD), each batch-mean and multiplied by T^2 as in mdistiller (T a number or a 0-d tensor)."""
+    t = as_temperature(temperature)
     z = at_least_float32(student_logits) / t
     v = at_least_float32(teacher_logits).detach() / t
     labels = labels.long()
@@ -46,7 +46,7 @@ def dkd_parts(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, te
 
 
 def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, alpha: float = 1.0, beta: float = 8.0,
-             temperature: float = 4.0) -> Tensor:
+             temperature: float | Tensor = 4.0) -> Tensor:
     """``alpha * TCKD + beta * NCKD`` (the warm-up factor is the caller's, see ``repro.methods.dkd``)."""
     tckd, nckd = dkd_parts(student_logits, teacher_logits, labels, temperature)
     return alpha * tckd + beta * nckd

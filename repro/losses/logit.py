@@ -23,11 +23,16 @@ def kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
     return torch.where(log_p == float("-inf"), torch.zeros_like(terms), terms).sum(dim=1)
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
+def as_temperature(temperature: float | Tensor) -> float | Tensor:
+    """A number as a float; a (0-d) tensor as it is, so that a learned temperature (CTKD) gets gradients."""
+    return temperature if isinstance(temperature, Tensor) else float(temperature)
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float | Tensor = 4.0) -> Tensor:
     """Hinton KD: KL(softmax(v/T) || softmax(z/T)) summed over classes, mean over the batch, times T^2."""
     z = at_least_float32(student_logits)
     v = at_least_float32(teacher_logits).detach()
-    t = float(temperature)
+    t = as_temperature(temperature)
     kl = kl_rows(F.log_softmax(v / t, dim=1), F.log_softmax(z / t, dim=1))
     return kl.mean() * (t * t)
 

@@ -48,9 +48,12 @@ _XCIT_MESSAGE = ("XCiT students are not supported yet (their attention is over c
 class TimmViT(nn.Module):
     """A timm ViT under the repro feature contract.
 
-    ``model(x)`` returns logits; ``model(x, is_feat=True)`` returns ``([tokens, pooled], logits)`` where
-    ``tokens`` is the final normalised token map [B, N, C] and ``pooled`` the pre-logits vector [B, C]
-    (``preact`` has no meaning for a transformer and is ignored).
+    ``model(x)`` returns logits; ``model(x, is_feat=True)`` returns ``([block_1, ..., block_{L-1}, tokens,
+    pooled], logits)`` where ``block_i`` is the output token map [B, N, C] of block i (prefix tokens included),
+    ``tokens`` the final normalised token map (the last block's output after the final norm) and ``pooled`` the
+    pre-logits vector [B, C]: ``feats[-1]`` and ``feats[-2]`` are the same at any depth (``preact`` has no
+    meaning for a transformer and is ignored). Block outputs are read by forward hooks, so the forward is
+    timm's own.
     """
 
     def __init__(self, vit: VisionTransformer) -> None:
@@ -81,12 +84,28 @@ class TimmViT(nn.Module):
 
     def forward(self, x: Tensor, is_feat: bool = False, preact: bool = False
                 ) -> Tensor | tuple[list[Tensor], Tensor]:
-        tokens = self.vit.forward_features(x)
-        logits = self._head(tokens)
         if not is_feat:
-            return logits
+            return self._head(self.vit.forward_features(x))
+        blocks: list[Tensor] = []
+        hooks = [block.register_forward_hook(lambda _m, _i, output: blocks.append(output))
+                 for block in self.vit.blocks[:-1]]
+        try:
+            tokens = self.vit.forward_features(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        logits = self._head(tokens)
         pooled = self.vit.forward_head(tokens, pre_logits=True)
-        return [tokens, pooled], logits
+        return [*blocks, tokens, pooled], logits
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Class (and dist / register) tokens in front of the patch tokens of every token map."""
+        return int(self.vit.num_prefix_tokens)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.vit.embed_dim)
 
 
 # ----------------------------------------------------------------------------------------------------------
