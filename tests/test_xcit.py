@@ -297,3 +297,22 @@ def test_the_three_readings_run_end_to_end_and_are_recorded_in_result_json(tmp_p
         assert {role: entry["reading"] for role, entry in report["heads"].items()} == {"teacher": reading, "ta": reading}
         assert report["stop_epochs"] == {"teacher": 1, "ta": 1}
         assert store.metrics(cell_runs.run_ids[0])[0].keys() >= {"loss_ce", "loss_ssta_attn"}
+
+
+def test_repro_eval_accepts_a_distilled_xcit_student_and_records_its_one_head(tmp_path):
+    import repro.cli
+
+    torch.manual_seed(0)
+    path = tmp_path / "xcit.pt"
+    torch.save(create_model("xcit_smoke_tiny_distilled", num_classes=1000).state_dict(), path)
+    out = tmp_path / "record.json"
+    suites = ("clean", "imagenet-c", "shape-bias", "top10")
+    code = repro.cli.main(["eval", str(path), "--arch", "xcit_smoke_tiny_distilled", "--suite", ",".join(suites),
+                           "--other", str(path), "--other-arch", "xcit_smoke_tiny", "--corruptions", "gaussian_noise",
+                           "--synthetic", str(tmp_path / "data"), "--out", str(out), "--device", "cpu",
+                           "--no-progress"])
+    assert code == 0
+    record = json.loads(out.read_text())
+    assert set(record["suites"]) == set(suites) and record["options"]["image_size"] == 32
+    assert record["model"]["arch"] == "xcit_smoke_tiny_distilled" and record["model"]["head"] == "shared"
+    assert 0.0 <= record["suites"]["shape-bias"]["shape_bias"] <= 1.0
