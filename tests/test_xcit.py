@@ -316,3 +316,24 @@ def test_repro_eval_accepts_a_distilled_xcit_student_and_records_its_one_head(tm
     assert set(record["suites"]) == set(suites) and record["options"]["image_size"] == 32
     assert record["model"]["arch"] == "xcit_smoke_tiny_distilled" and record["model"]["head"] == "shared"
     assert 0.0 <= record["suites"]["shape-bias"]["shape_bias"] <= 1.0
+
+
+def test_xca_channel_maps_need_equal_head_dimensions():
+    from repro.methods import TermContext, get_term
+
+    from timm.models.xcit import Xcit
+
+    from repro.models.xcit import TimmXCiT
+
+    student = create_model("xcit_smoke_tiny", num_classes=5)  # d_h 16
+    teacher = TimmXCiT(Xcit(img_size=32, patch_size=8, num_classes=5, embed_dim=128, depth=2, num_heads=4))  # d_h 32
+    ctx = TermContext(student=student, teacher=teacher, num_classes=5, train_labels=torch.arange(8) % 5,
+                      device=torch.device("cpu"), epochs=2)
+    with pytest.raises(ReproError, match="head dimension"):
+        get_term("ssta_attn")(ctx, lam=0.0, teacher_head=0, reading="xca")
+    term = get_term("ssta_attn")(ctx, lam=0.0, teacher_head=0, reading="class_attention")  # any head dim
+    assert term.report()["reading"] == "class_attention"
+    with pytest.raises(ReproError, match="cannot be read"):
+        get_term("ssta_attn")(TermContext(student=student, teacher=create_model("vit_smoke_tiny", num_classes=5),
+                                          num_classes=5, train_labels=torch.arange(8) % 5,
+                                          device=torch.device("cpu"), epochs=2), lam=0.0, teacher_head=0)

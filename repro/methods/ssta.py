@@ -31,6 +31,10 @@ teacher, ``A_TA`` one head of the self-supervised teaching assistant and ``A_S``
   ``stop_epoch_of: N`` the stop epochs are the paper's "stop_epoch of N" and scale to the run's epochs
   (``max(1, round(stop_epoch * epochs / N))``), so one spec cell means the same at every tier.
 The spec weights this term as a whole (``ssta_attn: {weight: 1, beta: 1, lam: 1}``) next to ``ce``.
+``reading`` (XCiT, ssta.md 8.3; ``repro.ssta.attention.READINGS``): which attention is distilled, the same for
+student, teacher and TA: ``auto`` (default: the student family's own, ``token`` for ViTs, ``class_attention`` for
+XCiT), ``xca`` (XCA channel maps; equal head dimensions only), ``class_attention`` (the CLS -> token row of a
+class-attention block) or ``xca_tokens`` (a token map from an XCA block's q and k); layers count within the reading.
 Other parameters: ``student_layer`` (default -1, last-to-last), ``teacher`` / ``ta`` (where the frozen models
 come from: "teacher" is the run's teacher, any other name an entry of ``ctx.assistants``, so a CNN can be the
 run's logit teacher while a ViT teaches attention) and ``drop_dist_token`` (a DeiT-distilled student's 198-token
@@ -110,6 +114,10 @@ def _check_reading(model: nn.Module, reading: str, role: str) -> None:
         resolve_reading(model, reading)
     except ReproError as err:
         raise ReproError(f"ssta_attn: the {role} cannot be read the student's way: {err}") from None
+
+
+def _head_dim(attn: nn.Module) -> int:
+    return attn.proj.in_features // attn.num_heads
 
 
 def _index(value: Any, what: str) -> int:
@@ -367,6 +375,12 @@ class SSTAAttention(LossTerm):
                                                  STUDENT_MAPPINGS[mapping], temperature, drop_dist_token,
                                                  training_only=True, reading=self.reading)
         self.stop_epochs = {t.name: t.stop_epoch for t in self._targets}
+        if self.reading == "xca":  # channel maps are d_h x d_h: only equal head dimensions compare
+            widths = {t.name: _head_dim(t.capture.attn) for t in self._targets}
+            student_dim = _head_dim(self._student_capture.attn)
+            if any(w != student_dim for w in widths.values()):
+                raise ReproError(f"ssta_attn: reading 'xca' compares d_h x d_h channel maps, but the student's head "
+                                 f"dimension is {student_dim} and {widths}; use class_attention or xca_tokens")
         for name, choice in self.choices.items():
             log.info("ssta_attn: %s %s attention from layer %d, heads %s (%s)", name, self.reading, choice.layer,
                      choice.heads, choice.record.get("rule"))
