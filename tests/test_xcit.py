@@ -337,3 +337,14 @@ def test_xca_channel_maps_need_equal_head_dimensions():
         get_term("ssta_attn")(TermContext(student=student, teacher=create_model("vit_smoke_tiny", num_classes=5),
                                           num_classes=5, train_labels=torch.arange(8) % 5,
                                           device=torch.device("cpu"), epochs=2), lam=0.0, teacher_head=0)
+
+
+def test_a_probe_on_an_xcit_reads_its_output_features_as_dino_does():
+    from repro.ssta.head_importance import last_blocks_features, pooled_features
+
+    model = create_model("xcit_smoke_tiny", num_classes=0).eval()
+    x = _images(32)
+    with torch.no_grad():
+        assert torch.equal(last_blocks_features(model, x), pooled_features(model, x))
+    with pytest.raises(ReproError, match="output features"):
+        last_blocks_features(model, x, n_last_blocks=4)

@@ -152,6 +152,13 @@ def last_blocks_features(model: nn.Module, images: Tensor, n_last_blocks: int = 
     block outputs, each after the final norm, concatenated; with ``avgpool`` (DINO's ViT-B/16 setting, one block)
     the cls token and the mean patch token, interleaved as DINO's ``cat(..., -1).reshape`` leaves them."""
     vit = unwrap_vit(model)
+    if getattr(vit, "cls_attn_blocks", None) is not None:
+        # DINO's eval_linear.py reads intermediate blocks of ViTs only; other backbones (XCiT) feed the probe their
+        # output, the normalised CLS token after the class-attention blocks.
+        if n_last_blocks != 1 or avgpool:
+            raise ReproError("a linear probe on an XCiT reads its output features (DINO eval_linear.py): "
+                             "n_last_blocks 1, avgpool false")
+        return pooled_features(model, images)
     if not 1 <= n_last_blocks <= len(vit.blocks):
         raise ReproError(f"n_last_blocks must lie in 1..{len(vit.blocks)}, got {n_last_blocks}")
     if avgpool and n_last_blocks != 1:
