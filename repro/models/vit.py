@@ -252,7 +252,8 @@ def build_timm_vit(timm_name: str, num_classes: int, pretrained: bool = False, c
     except RuntimeError as err:  # timm's "Unknown model" and bad-argument errors
         raise ReproError(f"timm could not build {timm_name!r}: {err}") from None
     if not isinstance(vit, VisionTransformer):
-        hint = " (XCiT models are registered by name: xcit_tiny_12_p16_224, ...)" if timm_name.startswith("xcit") else ""
+        xcit = timm_name.startswith("xcit")
+        hint = " (XCiT models are registered by name: xcit_tiny_12_p16_224, ...)" if xcit else ""
         raise ReproError(f"{timm_name!r} is a {type(vit).__name__}, not a timm VisionTransformer; "
                          f"the ViT family supports only VisionTransformer models{hint}")
     if checkpoint:

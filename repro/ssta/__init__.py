@@ -20,7 +20,8 @@ from repro.ssta.head_importance import (
 
 __all__ = [
     "READINGS", "AttentionCapture", "FeatureProbe", "HeadSelection", "attention_entropy", "attention_kl",
-    "block_attention", "default_reading", "dist_token_index", "file_fingerprint", "gradient_head_importance", "last_blocks_features",
+    "block_attention", "default_reading", "dist_token_index", "file_fingerprint", "gradient_head_importance",
+    "last_blocks_features",
     "load_linear_probe", "model_fingerprint", "preserved_rng", "select_heads", "select_heads_cached",
     "selection_cache_path", "unwrap_vit",
 ]
