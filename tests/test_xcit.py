@@ -348,3 +348,17 @@ def test_a_probe_on_an_xcit_reads_its_output_features_as_dino_does():
         assert torch.equal(last_blocks_features(model, x), pooled_features(model, x))
     with pytest.raises(ReproError, match="output features"):
         last_blocks_features(model, x, n_last_blocks=4)
+
+
+@pytest.mark.parametrize("reading", ["xca", "class_attention", "xca_tokens"])
+def test_disabled_and_eval_mode_student_captures_record_nothing(xcit, reading):
+    capture = AttentionCapture(xcit, layer=-1, heads=[0], reading=reading, training_only=True)
+    with torch.no_grad():
+        xcit.eval()(_images())  # a student capture skips eval forwards
+        assert capture.maps is None
+        capture.enabled = False  # after the early stop
+        xcit.train()(_images())
+    assert capture.maps is None
+    capture.enabled = True
+    xcit(_images())
+    assert capture.pop().shape[1] == 1

@@ -40,6 +40,7 @@ from repro.registry import Registry
 CAPTURE_MODES = ("heads", "relation", "mean")
 # q and k of every head ([B, H, Nq, d] and [B, H, Nk, d]) and the score scale: a float, or [H, 1, 1] per head.
 QKCallback = Callable[[Tensor, Tensor, Union[float, Tensor]], None]
+Wanted = Callable[[], bool]  # whether the capture records now: hooks return at once otherwise (no wasted work)
 
 
 def unwrap_vit(model: nn.Module) -> nn.Module:
@@ -73,7 +74,7 @@ class Reading:
     def _raw_modules(self, vit: nn.Module) -> list[nn.Module]:
         return [getattr(block, "attn", None) for block in getattr(vit, "blocks", [])]
 
-    def install(self, attn: nn.Module, on_qk: QKCallback) -> list[RemovableHandle]:
+    def install(self, attn: nn.Module, on_qk: QKCallback, wanted: Wanted) -> list[RemovableHandle]:
         raise NotImplementedError
 
 
@@ -91,8 +92,10 @@ class TokenReading(_BlockReading):
     name = "token"
     module_type = Attention
 
-    def install(self, attn: nn.Module, on_qk: QKCallback) -> list[RemovableHandle]:
+    def install(self, attn: nn.Module, on_qk: QKCallback, wanted: Wanted) -> list[RemovableHandle]:
         def hook(module: nn.Module, inputs: Any, out: Tensor) -> None:
+            if not wanted():
+                return
             batch, tokens, _ = out.shape
             qkv = out.reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
             on_qk(attn.q_norm(qkv[0]), attn.k_norm(qkv[1]), attn.scale)
@@ -116,8 +119,10 @@ class XCAReading(_BlockReading):
     def module_type(self) -> type:  # type: ignore[override]
         return _xca_type()
 
-    def install(self, attn: nn.Module, on_qk: QKCallback) -> list[RemovableHandle]:
+    def install(self, attn: nn.Module, on_qk: QKCallback, wanted: Wanted) -> list[RemovableHandle]:
         def hook(module: nn.Module, inputs: Any, out: Tensor) -> None:
+            if not wanted():
+                return
             batch, tokens, width = out.shape
             # (3, B, H, d, N), as timm's XCA.forward permutes it
             qkv = out.reshape(batch, tokens, 3, attn.num_heads, width // 3 // attn.num_heads).permute(2, 0, 3, 4, 1)
@@ -137,8 +142,10 @@ class XCATokenReading(_BlockReading):
     def module_type(self) -> type:  # type: ignore[override]
         return _xca_type()
 
-    def install(self, attn: nn.Module, on_qk: QKCallback) -> list[RemovableHandle]:
+    def install(self, attn: nn.Module, on_qk: QKCallback, wanted: Wanted) -> list[RemovableHandle]:
         def hook(module: nn.Module, inputs: Any, out: Tensor) -> None:
+            if not wanted():
+                return
             batch, tokens, width = out.shape
             head_dim = width // 3 // attn.num_heads
             qkv = out.reshape(batch, tokens, 3, attn.num_heads, head_dim).permute(2, 0, 3, 1, 4)
@@ -167,11 +174,11 @@ class ClassAttentionReading(Reading):
     def modules(self, vit: nn.Module) -> list[nn.Module]:
         return self._raw_modules(vit)
 
-    def install(self, attn: nn.Module, on_qk: QKCallback) -> list[RemovableHandle]:
+    def install(self, attn: nn.Module, on_qk: QKCallback, wanted: Wanted) -> list[RemovableHandle]:
         query: list[Tensor] = []
 
         def keep_query(module: nn.Module, inputs: Any, out: Tensor) -> None:
-            query[:] = [out]
+            query[:] = [out] if wanted() else []
 
         def hook(module: nn.Module, inputs: Any, out: Tensor) -> None:
             if not query:
@@ -308,7 +315,7 @@ class AttentionCapture:
         self.enabled = True
         self.maps: Optional[Tensor] = None
         self._indices: dict[Any, Tensor] = {}
-        self._handles: list[RemovableHandle] = chosen.install(attn, self._on_qk)
+        self._handles: list[RemovableHandle] = chosen.install(attn, self._on_qk, self._wanted)
 
     def _select(self, q: Tensor, k: Tensor, scale: Union[float, Tensor]
                 ) -> tuple[Tensor, Tensor, Union[float, Tensor]]:
@@ -343,9 +350,10 @@ class AttentionCapture:
             return torch.logsumexp(log_maps, dim=1, keepdim=True) - math.log(log_maps.shape[1])
         return log_maps
 
+    def _wanted(self) -> bool:
+        return self.enabled and not (self.training_only and not self.attn.training)
+
     def _on_qk(self, q: Tensor, k: Tensor, scale: Union[float, Tensor]) -> None:
-        if not self.enabled or (self.training_only and not self.attn.training):
-            return
         self.maps = self.compute(q, k, scale)
 
     def pop(self) -> Tensor:
