@@ -51,6 +51,21 @@ def _output_plans(output: str, args: argparse.Namespace) -> list:
                             teacher_gate=not args.no_teacher_gate, teacher_source=args.teachers)
 
 
+def _schedule_summary(config: dict) -> str:
+    """``  [400 epochs, ssta_attn until epoch 150]`` for a training run: what the run's config will do."""
+    from repro.methods.ssta import scaled_stop_epoch
+
+    if config.get("kind") != "train":
+        return ""
+    epochs = int(config["recipe"]["epochs"])
+    parts = [f"{epochs} epochs"]
+    for name, params in (config.get("losses") or {}).items():
+        if params.get("stop_epoch") is not None:  # early-stopped terms (SSTA's attention KD)
+            stop = scaled_stop_epoch(params["stop_epoch"], params.get("stop_epoch_of"), epochs)
+            parts.append(f"{name} until epoch {stop}")
+    return f"  [{', '.join(parts)}]"
+
+
 def _print_plan(plan, store, device, estimate: bool = True, cost=None) -> Optional[float]:
     """Print the plan; returns the estimated seconds of its pending runs (from ``cost``, else measured on
     ``device``), or None when they cannot be estimated (the reason is printed)."""
@@ -75,7 +90,7 @@ def _print_plan(plan, store, device, estimate: bool = True, cost=None) -> Option
             except CannotEstimate as err:
                 refusal, total = str(err), None
         overridden = f"  [--set {', '.join(run.overrides)}]" if run.overrides else ""
-        print(f"  {run.run_id}  {status:8s} {est:>10s}  {run.label}{overridden}")
+        print(f"  {run.run_id}  {status:8s} {est:>10s}  {run.label}{_schedule_summary(run.config)}{overridden}")
     if refusal is not None:
         print(f"no time estimate: {refusal}")
     elif cost is not None:

@@ -175,8 +175,8 @@ class Planner:
                       method: Optional[MethodDef] = None) -> dict[str, Any]:
         model = self._model(key)
         recipe = self._recipe_for_arch(model["arch"])
-        if method is not None and method.recipe:
-            recipe = deep_merge(recipe, method.recipe)
+        if method is not None and (method.recipe or method.tier_recipe):
+            recipe = deep_merge(recipe, method.recipe_overrides(self.tier))
             self._validated(recipe, f"method recipe overrides for {key}")  # method overrides obey the schema too
         return {
             "kind": "train",

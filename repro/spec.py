@@ -170,7 +170,14 @@ class MethodDef(Strict):
     losses: dict[str, Union[float, LossSpec]] = {}
     reported_only: Optional[str] = None  # why this row is not run (e.g. "FitNet is not implemented yet")
     recipe: dict[str, Any] = {}  # recipe overrides for this method's runs (e.g. a pretraining schedule)
+    # Per-tier overrides applied after ``recipe``: a family with its own schedule (XCiT's 400 epochs) keeps the
+    # smoke tier's short one, e.g. {smoke: {epochs: 2}}.
+    tier_recipe: dict[Tier, dict[str, Any]] = {}
     note: str = ""
+
+    def recipe_overrides(self, tier: str) -> dict[str, Any]:
+        """``recipe`` with this tier's ``tier_recipe`` deep-merged in."""
+        return deep_merge(self.recipe, self.tier_recipe.get(tier, {}))  # type: ignore[call-overload]
 
     def needs_teacher(self) -> bool:
         """Whether a run of this row needs a teacher model: asked of each registered loss term."""
@@ -475,8 +482,8 @@ def _recipes_to_check(spec: Spec) -> list[tuple[str, Recipe]]:
         recipe = spec.recipe_for(tier)
         out.append((f"tier {tier!r}", recipe))
         for name, method in spec.methods.items():
-            if method.recipe:
-                merged = deep_merge(recipe.model_dump(), method.recipe)
+            if method.recipe or method.tier_recipe:
+                merged = deep_merge(recipe.model_dump(), method.recipe_overrides(tier))
                 try:
                     out.append((f"tier {tier!r}, method {name!r}", Recipe.model_validate(merged)))
                 except ValidationError as err:
@@ -542,7 +549,7 @@ def check_loss_terms(spec: Spec) -> None:
 
 
 def _run_epochs(spec: Spec, method: MethodDef, epochs: int) -> int:
-    override = method.recipe.get("epochs")
+    override = method.recipe_overrides("full").get("epochs")
     return int(override) if isinstance(override, int) and not isinstance(override, bool) else epochs
 
 

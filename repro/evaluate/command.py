@@ -59,6 +59,7 @@ HEADS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "cls": _cls_head, "dist": _dist_head, "avg": _avg_head,
 }
 DEFAULT_HEAD = "avg"  # DeiT evaluates distilled models on the average of both heads (ssta.md 4)
+SHARED_HEAD = "shared"  # recorded for distilled XCiT: no dist token, its one head is both cls and dist
 
 
 class DistilledHead(nn.Module):
@@ -83,6 +84,10 @@ def with_head(model: nn.Module, head: Optional[str]) -> tuple[nn.Module, str]:
         if head not in (None, DEFAULT_HEAD):
             raise ReproError(f"--head {head}: the model has one classifier head (only distilled ViTs have cls/dist)")
         return model, "single"
+    if getattr(model, "shared_dist_head", False):
+        # Distilled XCiT (facebookresearch/xcit xcit.py): training returns (x, x), one head took CE and the hard
+        # KD, and the test forward is that head: cls, dist and avg are all the same logits.
+        return model, SHARED_HEAD
     chosen = head or DEFAULT_HEAD
     return DistilledHead(model, chosen).eval(), chosen
 
@@ -688,7 +693,7 @@ def analysis_models(plan: Any, store: Any) -> list[AnalysisModel]:
 
     def name(key: Optional[str]) -> str:
         # Display only: timm's "_patch16_224" suffix is the same for every SSTA model and crowds the legends.
-        return plan.spec.arch_of(key).replace("_patch16_224", "") if key else "?"
+        return plan.spec.arch_of(key).replace("_patch16_224", "").replace("_p16_224", "") if key else "?"
 
     for cell_runs in plan.cells:
         cell = cell_runs.cell

@@ -54,6 +54,7 @@ class MaskedPatchReconstruction(LossTerm):
             raise ReproError(f"masked_recon: mask_ratio must lie in (0, 1), got {mask_ratio}")
         vit = unwrap_vit(ctx.student)
         patch = vit.patch_embed.patch_size
+        patch = (patch, patch) if isinstance(patch, int) else patch  # XCiT's ConvPatchEmbed keeps an int
         if patch[0] != patch[1]:
             raise ReproError(f"masked_recon needs square patches, got {patch}")
         self.patch = int(patch[0])
@@ -68,14 +69,17 @@ class MaskedPatchReconstruction(LossTerm):
         vit.patch_embed.register_forward_hook(self._mask_patches)
         vit.norm.register_forward_hook(self._record_tokens)
 
-    def _mask_patches(self, module: nn.Module, inputs: Any, embedded: Tensor) -> Optional[Tensor]:
+    def _mask_patches(self, module: nn.Module, inputs: Any, output: Any) -> Optional[Any]:
         if not module.training:
             return None
+        # XCiT's ConvPatchEmbed returns (tokens, (Hp, Wp)); timm's ViT patch embedding the tokens alone.
+        embedded, rest = (output[0], tuple(output[1:])) if isinstance(output, tuple) else (output, None)
         if embedded.ndim != 3:
             raise ReproError("masked_recon needs a ViT whose patch embedding returns [B, L, C] tokens")
         mask = random_patch_mask(embedded.shape[0], embedded.shape[1], self.mask_ratio, embedded.device)
         self._mask = mask
-        return torch.where(mask.unsqueeze(-1), self.mask_token.to(embedded.dtype), embedded)
+        masked = torch.where(mask.unsqueeze(-1), self.mask_token.to(embedded.dtype), embedded)
+        return masked if rest is None else (masked, *rest)
 
     def _record_tokens(self, module: nn.Module, inputs: Any, tokens: Tensor) -> None:
         if module.training:

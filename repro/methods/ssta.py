@@ -31,6 +31,10 @@ teacher, ``A_TA`` one head of the self-supervised teaching assistant and ``A_S``
   ``stop_epoch_of: N`` the stop epochs are the paper's "stop_epoch of N" and scale to the run's epochs
   (``max(1, round(stop_epoch * epochs / N))``), so one spec cell means the same at every tier.
 The spec weights this term as a whole (``ssta_attn: {weight: 1, beta: 1, lam: 1}``) next to ``ce``.
+``reading`` (XCiT, ssta.md 8.3; ``repro.ssta.attention.READINGS``): which attention is distilled, the same for
+student, teacher and TA: ``auto`` (default: the student family's own, ``token`` for ViTs, ``class_attention`` for
+XCiT), ``xca`` (XCA channel maps; equal head dimensions only), ``class_attention`` (the CLS -> token row of a
+class-attention block) or ``xca_tokens`` (a token map from an XCA block's q and k); layers count within the reading.
 Other parameters: ``student_layer`` (default -1, last-to-last), ``teacher`` / ``ta`` (where the frozen models
 come from: "teacher" is the run's teacher, any other name an entry of ``ctx.assistants``, so a CNN can be the
 run's logit teacher while a ViT teaches attention) and ``drop_dist_token`` (a DeiT-distilled student's 198-token
@@ -63,7 +67,7 @@ from repro.domains import (BOOLEAN, NONNEGATIVE, POSITIVE, POSITIVE_EPOCHS, POSI
                             or_values)
 from repro.errors import ReproError
 from repro.methods.base import LOSS_TERMS, Batch, LossTerm, Outputs, TermContext
-from repro.ssta.attention import AttentionCapture, attention_kl
+from repro.ssta.attention import READINGS, AttentionCapture, attention_kl, resolve_reading
 from repro.ssta.head_importance import (
     SELECTION_RULES,
     HeadSelection,
@@ -103,6 +107,17 @@ def _frozen_model(ctx: TermContext, source: str) -> nn.Module:
         where = "the run's teacher" if source == "teacher" else f"assistant {source!r} (known: {sorted(ctx.assistants)})"
         raise ReproError(f"ssta_attn needs {where}, which is missing")
     return model
+
+
+def _check_reading(model: nn.Module, reading: str, role: str) -> None:
+    try:
+        resolve_reading(model, reading)
+    except ReproError as err:
+        raise ReproError(f"ssta_attn: the {role} cannot be read the student's way: {err}") from None
+
+
+def _head_dim(attn: nn.Module) -> int:
+    return attn.proj.in_features // attn.num_heads
 
 
 def _index(value: Any, what: str) -> int:
@@ -298,7 +313,8 @@ class SSTAAttention(LossTerm):
                "importance_batch": POSITIVE_INT, "teacher_importance_loss": one_of(*IMPORTANCE_LOSSES["teacher"]),
                "ta_importance_loss": one_of(AUTO, *IMPORTANCE_LOSSES["ta"]), "temperature": POSITIVE,
                "stop_epoch": optional(POSITIVE_EPOCHS), "ta_stop_epoch": or_values(optional(POSITIVE_EPOCHS), "same"),
-               "stop_epoch_of": optional(POSITIVE_INT), "drop_dist_token": BOOLEAN}
+               "stop_epoch_of": optional(POSITIVE_INT), "drop_dist_token": BOOLEAN,
+               "reading": one_of(AUTO, *READINGS.names())}
 
     def __init__(self, ctx: TermContext, beta: float = 1.0, lam: float = 1.0, student_layer: int = -1,
                  student_heads: Sequence[int] = (0, 1), mapping: str = "split",
@@ -310,7 +326,8 @@ class SSTAAttention(LossTerm):
                  teacher_probe: Optional[dict[str, Any]] = None, ta_probe: Optional[dict[str, Any]] = None,
                  temperature: float = 1.0, stop_epoch: Optional[int] = None,
                  ta_stop_epoch: Optional[int | str] = "same", stop_epoch_of: Optional[int] = None,
-                 drop_dist_token: bool = True, teacher: str = "teacher", ta: str = "ta") -> None:
+                 drop_dist_token: bool = True, teacher: str = "teacher", ta: str = "ta",
+                 reading: str = AUTO) -> None:
         super().__init__(ctx)
         if mapping not in STUDENT_MAPPINGS:
             raise ReproError(f"ssta_attn: unknown student mapping {mapping!r}; known: {', '.join(STUDENT_MAPPINGS)}")
@@ -330,7 +347,17 @@ class SSTAAttention(LossTerm):
                              f"the TA], got {student_heads}")
         self.mapping = mapping
         models = {name: _frozen_model(ctx, source) for _, name, _, source, *_ in roles}  # missing models fail first
-        chooser = HeadChooser(ctx, head_rule, head_batches, head_options, importance_batch)
+        # One reading for the student and both targets (auto: the student family's default; ViT: token).
+        self.reading = resolve_reading(ctx.student, reading).name
+        for name, model in models.items():
+            _check_reading(model, self.reading, name)
+        if self.reading == "xca" and mapping == "relation":
+            raise ReproError("ssta_attn: the relation mapping has no meaning for XCA channel maps; use split or mean")
+        # The reading enters the head selection's options (and cache key) only where it is not the ViTs' token.
+        options = dict(head_options or {})
+        if self.reading != "token":
+            options["reading"] = self.reading
+        chooser = HeadChooser(ctx, head_rule, head_batches, options, importance_batch)
         self.choices: dict[str, HeadChoice] = {}
         # Plain attributes (not submodules): the frozen models must stay out of the optimiser and state dict.
         self._targets: list[_AttentionTarget] = []
@@ -338,23 +365,30 @@ class SSTAAttention(LossTerm):
             choice = chooser.choose(name, models[name], layer, head, loss, probe)
             self.choices[name] = choice
             capture = AttentionCapture(models[name], choice.layer, choice.heads,
-                                       "heads" if len(choice.heads) == 1 else "mean", temperature, drop_dist_token)
+                                       "heads" if len(choice.heads) == 1 else "mean", temperature, drop_dist_token,
+                                       reading=self.reading)
             capture.enabled = False  # armed only inside this term's own forward of that model
             self._targets.append(_AttentionTarget(name, models[name], capture, weight, stop,
                                                   role if mapping == "split" else 0))
         self._student_capture = AttentionCapture(ctx.student, student_layer,
                                                  student_heads[:2] if mapping == "split" else None,
                                                  STUDENT_MAPPINGS[mapping], temperature, drop_dist_token,
-                                                 training_only=True)
+                                                 training_only=True, reading=self.reading)
         self.stop_epochs = {t.name: t.stop_epoch for t in self._targets}
+        if self.reading == "xca":  # channel maps are d_h x d_h: only equal head dimensions compare
+            widths = {t.name: _head_dim(t.capture.attn) for t in self._targets}
+            student_dim = _head_dim(self._student_capture.attn)
+            if any(w != student_dim for w in widths.values()):
+                raise ReproError(f"ssta_attn: reading 'xca' compares d_h x d_h channel maps, but the student's head "
+                                 f"dimension is {student_dim} and {widths}; use class_attention or xca_tokens")
         for name, choice in self.choices.items():
-            log.info("ssta_attn: %s attention from layer %d, heads %s (%s)", name, choice.layer, choice.heads,
-                     choice.record.get("rule"))
+            log.info("ssta_attn: %s %s attention from layer %d, heads %s (%s)", name, self.reading, choice.layer,
+                     choice.heads, choice.record.get("rule"))
 
     def report(self) -> dict[str, Any]:
         """What this term decided before training (for the run's result.json)."""
         return {"heads": {name: {"layer": c.layer, "heads": c.heads, **c.record} for name, c in self.choices.items()},
-                "stop_epochs": self.stop_epochs}
+                "stop_epochs": self.stop_epochs, "reading": self.reading}
 
     def active(self, epoch: int) -> bool:
         on = any(target.active(epoch) for target in self._targets)
@@ -382,7 +416,8 @@ class _DistTokenTerm(LossTerm):
                              f"{type(getattr(student, 'vit', student)).__name__}")
         student.set_distilled_training(True)  # training forward: cls head -> CE, dist head -> this term
         self._dist_logits: Optional[Tensor] = None
-        student.vit.head_dist.register_forward_hook(self._record)
+        # DeiT: the dist token's head; XCiT: its one head (xcit.py returns (x, x) in training)
+        student.dist_head.register_forward_hook(self._record)
 
     def _record(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
         if module.training:

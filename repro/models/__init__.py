@@ -22,7 +22,8 @@ ModelFactory = Callable[..., nn.Module]
 MODELS: Registry[ModelFactory] = Registry("model")
 
 # Families register themselves on import; imported lazily so that `repro --help` stays fast.
-_FAMILIES = ("repro.models.cifar", "repro.models.imagenet", "repro.models.vit", "repro.models.timm_cnn")
+_FAMILIES = ("repro.models.cifar", "repro.models.imagenet", "repro.models.vit", "repro.models.xcit",
+             "repro.models.timm_cnn")
 _loaded = False
 
 

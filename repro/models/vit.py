@@ -23,7 +23,7 @@ import socket
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 from urllib.parse import urlparse
 
 import timm
@@ -41,8 +41,6 @@ _KEY_PREFIXES = ("module.", "model.", "vit.", "backbone.", "base_encoder.", "enc
 # Containers in which training scripts nest the state dict; DINO's full checkpoints hold a student and a
 # teacher, and DINO evaluates the teacher, so "teacher" is searched before "student".
 _CONTAINER_KEYS = ("state_dict", "model", "teacher", "student", "module")
-_XCIT_MESSAGE = ("XCiT students are not supported yet (their attention is over channels, not tokens; "
-                 "ssta.md 8.3): {name!r}")
 
 
 class TimmViT(nn.Module):
@@ -71,6 +69,13 @@ class TimmViT(nn.Module):
     @property
     def is_distilled(self) -> bool:
         return isinstance(self.vit, VisionTransformerDistilled)
+
+    @property
+    def dist_head(self) -> nn.Module:
+        """The classifier whose training output is the distillation logits (DeiT: the dist token's head)."""
+        if not self.is_distilled:
+            raise ReproError("a dist head needs a distilled ViT (one with a dist token)")
+        return self.vit.head_dist
 
     def set_distilled_training(self, enable: bool = True) -> None:
         if not self.is_distilled:
@@ -209,8 +214,11 @@ def _is_classifier_key(key: str) -> bool:
     return key.startswith(("head.", "head_dist.", "fc_norm."))
 
 
-def load_vit_checkpoint(vit: VisionTransformer, checkpoint: str | os.PathLike, checkpoint_key: Optional[str] = None) -> None:
-    """Load a local checkpoint into a timm ViT, with one clear ReproError for any mismatch.
+def load_vit_checkpoint(vit: nn.Module, checkpoint: str | os.PathLike, checkpoint_key: Optional[str] = None,
+                        filter_fn: Callable[[dict[str, Tensor], nn.Module], dict[str, Tensor]] = checkpoint_filter_fn
+                        ) -> None:
+    """Load a local checkpoint into a timm ViT (or XCiT, with its ``filter_fn``), with one clear ReproError for
+    any mismatch.
 
     Classifier weights are optional (SSL checkpoints have none) and are dropped when their shape differs
     (a 1000-class checkpoint into a 100-class model), as fine-tuning scripts do; every other model key must
@@ -225,7 +233,7 @@ def load_vit_checkpoint(vit: VisionTransformer, checkpoint: str | os.PathLike, c
         raise ReproError(f"checkpoint {path} could not be read: {type(err).__name__}: {err}") from None
     state_dict = _strip_prefixes(_unwrap_state_dict(raw, path, checkpoint_key))
     # timm's filter converts old layouts and resamples the position embedding to the model's grid.
-    state_dict = checkpoint_filter_fn(state_dict, vit)
+    state_dict = filter_fn(state_dict, vit)
     own = vit.state_dict()
     wrong_shape = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
     dropped_heads = [k for k in wrong_shape if _is_classifier_key(k)]
@@ -247,16 +255,10 @@ def load_vit_checkpoint(vit: VisionTransformer, checkpoint: str | os.PathLike, c
 # ----------------------------------------------------------------------------------------------------------
 # factories
 
-def _reject_xcit(timm_name: str) -> None:
-    if timm_name.startswith("xcit"):
-        raise ReproError(_XCIT_MESSAGE.format(name=timm_name))
-
-
 def build_timm_vit(timm_name: str, num_classes: int, pretrained: bool = False, checkpoint: Optional[str] = None,
                    checkpoint_key: Optional[str] = None, drop_path_rate: float = 0.0,
                    img_size: Optional[int] = None, **timm_kwargs: Any) -> TimmViT:
     """Any timm ViT by name (``deit_tiny_patch16_224``, ``vit_small_patch16_224.dino``, ...), wrapped."""
-    _reject_xcit(timm_name)
     if pretrained and checkpoint:
         raise ReproError(f"{timm_name}: give either pretrained=True or checkpoint=..., not both")
     kwargs = dict(num_classes=num_classes, drop_path_rate=drop_path_rate, **timm_kwargs)
@@ -269,8 +271,10 @@ def build_timm_vit(timm_name: str, num_classes: int, pretrained: bool = False, c
     except RuntimeError as err:  # timm's "Unknown model" and bad-argument errors
         raise ReproError(f"timm could not build {timm_name!r}: {err}") from None
     if not isinstance(vit, VisionTransformer):
+        xcit = timm_name.startswith("xcit")
+        hint = " (XCiT models are registered by name: xcit_tiny_12_p16_224, ...)" if xcit else ""
         raise ReproError(f"{timm_name!r} is a {type(vit).__name__}, not a timm VisionTransformer; "
-                         f"the ViT family supports only VisionTransformer models")
+                         f"the ViT family supports only VisionTransformer models{hint}")
     if checkpoint:
         load_vit_checkpoint(vit, checkpoint, checkpoint_key)
     return TimmViT(vit)
@@ -291,7 +295,6 @@ _NAMED_VITS = (
     "vit_small_patch16_224", "vit_base_patch16_224",
     "vit_small_patch16_224.dino", "vit_base_patch16_224.dino", "vit_base_patch16_224.mae",
 )
-_XCIT_NAMES = ("xcit_tiny_12_p16_224", "xcit_small_12_p16_224", "xcit_medium_24_p16_224")
 
 
 def _named_factory(timm_name: str):
@@ -302,17 +305,8 @@ def _named_factory(timm_name: str):
     return factory
 
 
-def _xcit_factory(timm_name: str):
-    def factory(num_classes: int = 1000, **kwargs: Any) -> TimmViT:
-        raise ReproError(_XCIT_MESSAGE.format(name=timm_name))
-
-    return factory
-
-
 for _name in _NAMED_VITS:
     register_model(_name)(_named_factory(_name))
-for _name in _XCIT_NAMES:
-    register_model(_name)(_xcit_factory(_name))
 
 
 # ----------------------------------------------------------------------------------------------------------

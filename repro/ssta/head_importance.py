@@ -42,7 +42,7 @@ from torch import Tensor
 
 from repro.errors import ReproError
 from repro.registry import Registry
-from repro.ssta.attention import AttentionCapture, block_attention, depth, unwrap_vit
+from repro.ssta.attention import AttentionCapture, attention_modules, block_attention, depth, unwrap_vit
 
 SCOPES = ("last", "layer", "global", "per_layer")
 Pair = tuple[int, int]  # (layer, head), layer counted from 0
@@ -152,6 +152,13 @@ def last_blocks_features(model: nn.Module, images: Tensor, n_last_blocks: int = 
     block outputs, each after the final norm, concatenated; with ``avgpool`` (DINO's ViT-B/16 setting, one block)
     the cls token and the mean patch token, interleaved as DINO's ``cat(..., -1).reshape`` leaves them."""
     vit = unwrap_vit(model)
+    if getattr(vit, "cls_attn_blocks", None) is not None:
+        # DINO's eval_linear.py reads intermediate blocks of ViTs only; other backbones (XCiT) feed the probe their
+        # output, the normalised CLS token after the class-attention blocks.
+        if n_last_blocks != 1 or avgpool:
+            raise ReproError("a linear probe on an XCiT reads its output features (DINO eval_linear.py): "
+                             "n_last_blocks 1, avgpool false")
+        return pooled_features(model, images)
     if not 1 <= n_last_blocks <= len(vit.blocks):
         raise ReproError(f"n_last_blocks must lie in 1..{len(vit.blocks)}, got {n_last_blocks}")
     if avgpool and n_last_blocks != 1:
@@ -236,10 +243,12 @@ def feature_loss(model: nn.Module, images: Tensor, labels: Optional[Tensor]) -> 
 # gradient importance (Michel et al. 2019)
 
 @contextmanager
-def head_mask(model: nn.Module) -> Iterator[Tensor]:
-    """A ones [L, H] mask (requires_grad) multiplying each head's context before ``attn.proj``."""
-    vit = unwrap_vit(model)
-    attns = [block_attention(model, layer) for layer in range(len(vit.blocks))]
+def head_mask(model: nn.Module, reading: Optional[str] = None) -> Iterator[Tensor]:
+    """A ones [L, H] mask (requires_grad) multiplying each head's context before ``attn.proj``, over the layers
+    of ``reading`` (default: the model's own; XCiT's XCA blocks for ``xca`` / ``xca_tokens``, its class-attention
+    blocks for ``class_attention``). Every one of timm's attentions (``Attention``, ``XCA``, ``ClassAttn``) hands
+    ``proj`` a [B, N, H * d] input whose channel ``h * d + c`` belongs to head ``h``."""
+    attns = attention_modules(model, reading)
     heads = {a.num_heads for a in attns}
     if len(heads) != 1:
         raise ReproError(f"head masks need the same head count in every block, got {sorted(heads)}")
@@ -249,7 +258,7 @@ def head_mask(model: nn.Module) -> Iterator[Tensor]:
         def hook(module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
             context = args[0]
             batch, tokens, width = context.shape
-            per_head = context.reshape(batch, tokens, attn.num_heads, attn.head_dim)
+            per_head = context.reshape(batch, tokens, attn.num_heads, width // attn.num_heads)
             scaled = per_head * mask[layer].to(context.dtype).view(1, 1, -1, 1)
             return (scaled.reshape(batch, tokens, width),) + tuple(args[1:])
 
@@ -297,15 +306,16 @@ def _frozen_eval(model: nn.Module) -> Iterator[None]:
 
 def gradient_head_importance(model: nn.Module, batches: Iterable[Any], loss: ImportanceLoss,
                              max_images: Optional[int] = None, normalize: bool = True,
-                             importance_batch: Optional[int] = 1) -> Tensor:
-    """``I[l, h] = mean over images of |dL/dxi[l, h]|`` -> [L, H], L2-normalised per layer when ``normalize``.
+                             importance_batch: Optional[int] = 1, reading: Optional[str] = None) -> Tensor:
+    """``I[l, h] = mean over images of |dL/dxi[l, h]|`` -> [L, H], L2-normalised per layer when ``normalize``;
+    the layers are those of ``reading`` (see :func:`head_mask`).
 
     Each gradient is that of the mean loss over ``importance_batch`` consecutive images (1: per example, Michel
     et al.'s definition; None: each incoming batch whole), weighted by its image count."""
     if importance_batch is not None and (isinstance(importance_batch, bool) or int(importance_batch) < 1):
         raise ReproError(f"importance_batch must be a positive integer or None, got {importance_batch!r}")
     device = _device_of(model)
-    with _frozen_eval(model), head_mask(model) as mask:
+    with _frozen_eval(model), head_mask(model, reading) as mask:
         importance = torch.zeros_like(mask, dtype=torch.float32)
         count = 0
         for images, labels in _iter_limited(batches, max_images, device):
@@ -322,10 +332,12 @@ def gradient_head_importance(model: nn.Module, batches: Iterable[Any], loss: Imp
     return importance.detach()
 
 
-def attention_entropy(model: nn.Module, batches: Iterable[Any], max_images: Optional[int] = None) -> Tensor:
-    """Mean entropy (nats) of every head's attention rows -> [L, H]."""
+def attention_entropy(model: nn.Module, batches: Iterable[Any], max_images: Optional[int] = None,
+                      reading: Optional[str] = None) -> Tensor:
+    """Mean entropy (nats) of every head's attention rows -> [L, H] (the layers of ``reading``)."""
     device = _device_of(model)
-    captures = [AttentionCapture(model, layer, drop_dist_token=False) for layer in range(depth(model))]
+    captures = [AttentionCapture(model, layer, drop_dist_token=False, reading=reading)
+                for layer in range(depth(model, reading if reading is not None else "auto"))]
     total, count = None, 0
     try:
         with _frozen_eval(model), torch.no_grad():
@@ -373,8 +385,8 @@ def _layer_index(layer: int, count: int) -> int:
     return layer % count
 
 
-def _resolve_layer(model: nn.Module, layer: int) -> int:
-    return _layer_index(layer, depth(model))
+def _resolve_layer(model: nn.Module, layer: int, reading: Optional[str] = None) -> int:
+    return _layer_index(layer, depth(model, reading if reading is not None else "auto"))
 
 
 def _scores_list(scores: Tensor) -> list[list[float]]:
@@ -391,57 +403,64 @@ def _importance_loss(loss: str, probe: Optional[nn.Module]) -> ImportanceLoss:
     return ce_loss if loss == "ce" else feature_loss
 
 
+def _heads_in(model: nn.Module, layer: int, reading: Optional[str]) -> int:
+    return block_attention(model, layer, reading).num_heads
+
+
 @SELECTION_RULES.register("importance")
 def _rule_importance(model: nn.Module, batches: Optional[Iterable[Any]], scope: str = "last", loss: str = "ce",
                      probe: Optional[nn.Module] = None, max_images: Optional[int] = 2000, layer: int = -1,
-                     importance_batch: Optional[int] = 1, **_: Any) -> HeadSelection:
+                     importance_batch: Optional[int] = 1, reading: Optional[str] = None, **_: Any) -> HeadSelection:
     if batches is None:
         raise ReproError("head-selection rule 'importance' needs images")
     scores = gradient_head_importance(model, batches, _importance_loss(loss, probe), max_images,
-                                      importance_batch=importance_batch)
+                                      importance_batch=importance_batch, reading=reading)
     return HeadSelection("importance", pick_heads(scores, scope, layer=layer), _scores_list(scores))
 
 
 @SELECTION_RULES.register("entropy")
 def _rule_entropy(model: nn.Module, batches: Optional[Iterable[Any]], scope: str = "last",
-                  prefer: str = "low", max_images: Optional[int] = 2000, layer: int = -1, **_: Any) -> HeadSelection:
+                  prefer: str = "low", max_images: Optional[int] = 2000, layer: int = -1,
+                  reading: Optional[str] = None, **_: Any) -> HeadSelection:
     if batches is None:
         raise ReproError("head-selection rule 'entropy' needs images")
     if prefer not in ("low", "high"):
         raise ReproError(f"entropy rule: prefer must be 'low' or 'high', got {prefer!r}")
-    scores = attention_entropy(model, batches, max_images)
+    scores = attention_entropy(model, batches, max_images, reading)
     return HeadSelection("entropy", pick_heads(scores, scope, largest=prefer == "high", layer=layer),
                          _scores_list(scores))
 
 
 @SELECTION_RULES.register("fixed")
 def _rule_fixed(model: nn.Module, batches: Optional[Iterable[Any]], layer: int = -1, head: int = 0,
-                **_: Any) -> HeadSelection:
-    layer = _resolve_layer(model, layer)
-    heads = block_attention(model, layer).num_heads
+                reading: Optional[str] = None, **_: Any) -> HeadSelection:
+    layer = _resolve_layer(model, layer, reading)
+    heads = _heads_in(model, layer, reading)
     if not 0 <= head < heads:
         raise ReproError(f"head {head} is out of range for a block with {heads} heads")
     return HeadSelection("fixed", [(layer, int(head))])
 
 
 @SELECTION_RULES.register("all")
-def _rule_all(model: nn.Module, batches: Optional[Iterable[Any]], layer: int = -1, **_: Any) -> HeadSelection:
-    layer = _resolve_layer(model, layer)
-    return HeadSelection("all", [(layer, h) for h in range(block_attention(model, layer).num_heads)])
+def _rule_all(model: nn.Module, batches: Optional[Iterable[Any]], layer: int = -1, reading: Optional[str] = None,
+              **_: Any) -> HeadSelection:
+    layer = _resolve_layer(model, layer, reading)
+    return HeadSelection("all", [(layer, h) for h in range(_heads_in(model, layer, reading))])
 
 
 @SELECTION_RULES.register("random")
 def _rule_random(model: nn.Module, batches: Optional[Iterable[Any]], layer: int = -1, seed: int = 0,
-                 **_: Any) -> HeadSelection:
-    layer = _resolve_layer(model, layer)
+                 reading: Optional[str] = None, **_: Any) -> HeadSelection:
+    layer = _resolve_layer(model, layer, reading)
     generator = torch.Generator().manual_seed(int(seed))
-    head = int(torch.randint(block_attention(model, layer).num_heads, (1,), generator=generator))
+    head = int(torch.randint(_heads_in(model, layer, reading), (1,), generator=generator))
     return HeadSelection("random", [(layer, head)])
 
 
 def select_heads(model: nn.Module, rule: str = "importance", batches: Optional[Iterable[Any]] = None,
                  **options: Any) -> HeadSelection:
-    """Run one rule. Options: ``scope`` (last/layer/global/per_layer), ``loss`` (ce/probe/feature), ``probe``,
+    """Run one rule. Options: ``reading`` (which attention's heads, see ``repro.ssta.attention``; default the
+    model's own), ``scope`` (last/layer/global/per_layer), ``loss`` (ce/probe/feature), ``probe``,
     ``importance_batch`` (importance: images per gradient, default 1), ``max_images`` (importance, entropy), ``prefer`` (entropy: low/high), ``layer`` (scope ``layer``; fixed,
     all, random), ``head`` (fixed), ``seed`` (random)."""
     selection = SELECTION_RULES.get(rule)(model, batches, **options)
