@@ -131,7 +131,8 @@ def reference_at_pair(student: np.ndarray, teacher: np.ndarray, p: float) -> flo
 @pytest.mark.parametrize("s_size,t_size", [(4, 4), (8, 4), (4, 8)])
 def test_at_matches_the_paper_formula_with_pooling(s_size: int, t_size: int) -> None:
     gen = torch.Generator().manual_seed(2)
-    student, teacher = torch.randn(3, 5, s_size, s_size, generator=gen), torch.randn(3, 7, t_size, t_size, generator=gen)
+    student = torch.randn(3, 5, s_size, s_size, generator=gen)
+    teacher = torch.randn(3, 7, t_size, t_size, generator=gen)
     expected = reference_at_pair(f64(student), f64(teacher), 2.0)
     assert at_pair_loss(student, teacher, 2.0).item() == pytest.approx(expected, rel=1e-5)
     relu = torch.relu  # p = 4 on post-activation maps (|A|^p = A^p there)
@@ -182,7 +183,8 @@ def test_vid_matches_the_gaussian_likelihood(s_size: int, t_size: int) -> None:
     with torch.no_grad():
         regressor.log_scale.normal_()
     gen = torch.Generator().manual_seed(4)
-    student, teacher = torch.randn(2, 3, s_size, s_size, generator=gen), torch.randn(2, 5, t_size, t_size, generator=gen)
+    student = torch.randn(2, 3, s_size, s_size, generator=gen)
+    teacher = torch.randn(2, 5, t_size, t_size, generator=gen)
     expected = reference_vid(regressor, f64(student), f64(teacher))
     assert regressor(student, teacher).item() == pytest.approx(expected, rel=1e-5)
 
