@@ -321,12 +321,13 @@ class Trainer:
             yield batch
 
     def _probe_feature_dims(self, ctx: TermContext) -> None:
-        """Feature widths for terms with heads (CRD, ITRD), from one no-grad forward on a tiny batch."""
+        """Feature widths and per-sample shapes for terms with heads or connectors (CRD, FitNet, VID), from one
+        no-grad forward on a tiny batch."""
         wants = any(getattr(get_term(n), "features", None) for n in self.config["losses"])
         if not wants:
             return
         probe = torch.zeros(2, 3, self.data.image_size, self.data.image_size, device=self.device)
-        for model, attr in ((ctx.student, "student_feat_dims"), (ctx.teacher, "teacher_feat_dims")):
+        for model, side in ((ctx.student, "student"), (ctx.teacher, "teacher")):
             if model is None:
                 continue
             was_training = model.training
@@ -334,7 +335,8 @@ class Trainer:
             with torch.no_grad():
                 _, feats = forward_model(model, probe, True, False)
             model.train(was_training)
-            setattr(ctx, attr, [int(f.shape[1]) for f in feats or []])
+            setattr(ctx, f"{side}_feat_dims", [int(f.shape[1]) for f in feats or []])
+            setattr(ctx, f"{side}_feat_shapes", [tuple(int(d) for d in f.shape[1:]) for f in feats or []])
 
     def _teacher_fn(self, terms: dict[str, tuple[float, Any]]) -> tuple[Optional[TeacherFn], Optional[str]]:
         """The teacher-output cache's lookup when the run can use it, and the stamp saying what actually ran."""

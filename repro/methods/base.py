@@ -62,10 +62,22 @@ class TermContext:
     assistants: dict[str, nn.Module] = field(default_factory=dict)  # extra frozen models (SSTA's TA)
     student_feat_dims: list[int] = field(default_factory=list)  # channel/width of each feature (probe forward)
     teacher_feat_dims: list[int] = field(default_factory=list)
+    # Per-sample shape of each feature, e.g. (C, H, W) or (D,), from the same probe forward: what connectors
+    # between student and teacher feature maps (FitNet's regressor, VID's) are built from.
+    student_feat_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    teacher_feat_shapes: list[tuple[int, ...]] = field(default_factory=list)
     # Training batches for offline analyses a term runs once at construction (SSTA's head importance):
     # ``sample_batches(n)`` yields n augmented training batches without disturbing the training order.
     sample_batches: Optional[Callable[[int], Any]] = None
     cache_dir: Optional[Path] = None  # where a term may cache such analyses (keyed by what they depend on)
+
+
+def feature_shapes(ctx: TermContext, term: str) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """(student, teacher) per-sample feature shapes from the training loop's probe forward; a term that builds
+    connectors from them cannot be constructed without."""
+    if not ctx.student_feat_shapes or not ctx.teacher_feat_shapes:
+        raise ReproError(f"{term} needs the feature shapes of student and teacher (TermContext.*_feat_shapes)")
+    return list(ctx.student_feat_shapes), list(ctx.teacher_feat_shapes)
 
 
 class LossTerm(nn.Module):
