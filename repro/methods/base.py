@@ -62,10 +62,30 @@ class TermContext:
     assistants: dict[str, nn.Module] = field(default_factory=dict)  # extra frozen models (SSTA's TA)
     student_feat_dims: list[int] = field(default_factory=list)  # channel/width of each feature (probe forward)
     teacher_feat_dims: list[int] = field(default_factory=list)
+    # Per-sample shape of each feature, e.g. (64, 8, 8) for a stage and (64,) for the pooled vector (same probe).
+    student_feat_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    teacher_feat_shapes: list[tuple[int, ...]] = field(default_factory=list)
     # Training batches for offline analyses a term runs once at construction (SSTA's head importance):
     # ``sample_batches(n)`` yields n augmented training batches without disturbing the training order.
     sample_batches: Optional[Callable[[int], Any]] = None
     cache_dir: Optional[Path] = None  # where a term may cache such analyses (keyed by what they depend on)
+
+
+@dataclass
+class InitStage:
+    """A stage a term trains before epoch 1 (RepDistiller ``helper/pretrain.py init``, for AB, FT and FSP).
+
+    The training loop runs it with a fresh optimizer of the recipe's kind (SGD with the recipe's momentum and
+    weight decay for the CIFAR recipes) at a constant ``lr`` for ``epochs`` epochs, minimising the term's
+    ``init_loss``; only ``modules`` and, when ``trains_student``, the student without its classifier
+    (RepDistiller's ``get_feat_modules``) are optimised. The stage is part of the run: its epochs are
+    checkpointed, logged and resumed like the training epochs.
+    """
+
+    epochs: int
+    modules: list[nn.Module] = field(default_factory=list)  # the term's own modules trained in the stage
+    trains_student: bool = False  # the student's feature layers train too (in train mode); else it stays in eval
+    lr: Optional[float] = None  # None: the run's base learning rate
 
 
 class LossTerm(nn.Module):
@@ -96,6 +116,19 @@ class LossTerm(nn.Module):
     def active(self, epoch: int) -> bool:
         """Whether the term contributes at this (1-based) epoch; SSTA's early stop overrides it."""
         return True
+
+    def trainable_modules(self) -> list[nn.Module]:
+        """The term's modules optimised with the student during training (all of it by default); a module trained
+        only in an initialisation stage and frozen afterwards (FT's paraphraser) is left out."""
+        return [self]
+
+    def init_stage(self) -> Optional[InitStage]:
+        """The stage this term trains before epoch 1, if any (None for most terms)."""
+        return None
+
+    def init_loss(self, out: Outputs, batch: Batch) -> Tensor:
+        """The unweighted loss of the initialisation stage (features of the term's kind in ``out``)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no initialisation stage")
 
     def report(self) -> dict[str, Any]:
         """What the term decided or derived before training that a reader of the run must see (SSTA's chosen
