@@ -133,3 +133,22 @@ def test_two_terms_with_init_stages_are_refused(workdirs):
     with pytest.raises(ReproError, match="at most one loss term"):
         train_run(config, RunStore(workdirs["runs"]), "two", torch.device("cpu"),
                   Resolved(teacher=_teacher(config)), progress=False)
+
+
+def test_the_cost_estimate_counts_the_init_stage(workdirs, monkeypatch):
+    from repro.cost import CostModel, dataset_sizes
+    from repro.methods import get_term
+
+    assert get_term("ab").planned_init_epochs({}) == 30  # RepDistiller --init_epochs
+    assert get_term("ft").planned_init_epochs({"init_epochs": 4}) == 4
+    assert get_term("kd").planned_init_epochs({"temperature": 4}) == 0
+    plan = make_plan(load_spec("wttm/cifar100-repdistiller"), "full")
+    model = CostModel(RunStore(workdirs["runs"]), torch.device("cpu"))
+    monkeypatch.setattr(model, "images_per_s", lambda *args: 1000.0)
+    runs = {r.cell.method: r for r in plan.cells if r.cell.student == "resnet8x4" and r.cell.method != "Teacher"}
+    student = model.estimate_seconds(plan, plan.runs[runs["Student"].run_ids[0]])
+    train, _ = dataset_sizes(plan.runs[runs["Student"].run_ids[0]].config["recipe"])
+    for method in ("AB", "FT", "FSP"):
+        run = plan.runs[runs[method].run_ids[0]]
+        assert model.estimate_seconds(plan, run) == pytest.approx(student + 30 * train / 1000.0)
+    assert model.estimate_seconds(plan, plan.runs[runs["SP"].run_ids[0]]) == pytest.approx(student)

@@ -108,6 +108,18 @@ class LossTerm(nn.Module):
     def requires_teacher_model(cls) -> bool:
         return cls.needs_teacher if cls.needs_teacher_model is None else cls.needs_teacher_model
 
+    @classmethod
+    def planned_init_epochs(cls, params: dict[str, Any]) -> int:
+        """Epochs of the initialisation stage a term built with ``params`` runs, for cost estimates: its
+        ``init_epochs`` constructor parameter, given or default (0 for a term without one)."""
+        import inspect
+
+        parameter = inspect.signature(cls.__init__).parameters.get("init_epochs")
+        if parameter is None:
+            return 0
+        value = params.get("init_epochs", parameter.default)
+        return int(value) if isinstance(value, (int, float)) else 0
+
     def __init__(self, ctx: TermContext, **params: Any) -> None:
         super().__init__()
         if params:
