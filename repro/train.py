@@ -226,6 +226,10 @@ def mean_entropy(logits: torch.Tensor) -> float:
 
 # -- one run -------------------------------------------------------------------------------------------------
 class Trainer:
+    # Set by _build_init_stage (a run without an initialisation stage keeps these).
+    init: Optional[InitRun] = None
+    init_history: list[dict[str, Any]] = []  # never appended to unless _build_init_stage gave a run its own
+
     def __init__(self, config: dict[str, Any], store: RunStore, run_id: str, device: torch.device,
                  resolved: Resolved, progress: bool = True, options: Optional[ScaleOptions] = None) -> None:
         self.config = config
