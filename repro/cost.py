@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 
 from repro.errors import ReproError
+from repro.methods import get_term
 from repro.models import create_model
 from repro.plan import WEIGHT_ARGS, Plan, PlannedRun
 from repro.provenance import device_name
@@ -173,8 +174,11 @@ class CostModel:
         if run.config["kind"] == "eval":
             return 3 * test / self.images_per_s(model, None, recipe)
         rate = self.images_per_s(model, self._teacher_model(plan, run), recipe)
-        # Evaluation costs about a third of a training step per image.
-        return recipe["epochs"] * (train + test / 3) / rate
+        # Evaluation costs about a third of a training step per image; an initialisation stage (AB, FT, FSP)
+        # adds its epochs of training without evaluation.
+        init_epochs = max((get_term(name).planned_init_epochs(params)
+                           for name, params in run.config.get("losses", {}).items()), default=0)
+        return (recipe["epochs"] * (train + test / 3) + init_epochs * train) / rate
 
 
 def format_duration(seconds: float) -> str:

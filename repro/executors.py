@@ -483,7 +483,7 @@ def run_state(store: RunStore, run_id: str, label: str = "") -> RunState:
         return RunState(run_id, "running", label, f"{where}{lock.describe()}")
     checkpoint = store.checkpoint_path(run_id)
     if checkpoint.exists():
-        epochs = len(store.metrics(run_id))
+        epochs = sum(1 for row in store.metrics(run_id) if row.get("stage") != "init")  # not init-stage rows
         return RunState(run_id, "interrupted", label, f"resumes after epoch {epochs}")
     if job:
         return RunState(run_id, "submitted", label, f"{job['executor']} job {job['job_id']}")

@@ -28,7 +28,7 @@ from repro.distributed import ScaleOptions, all_reduce_sum
 from repro.errors import ReproError
 from repro.loggers import EpochLog
 from repro.methods import Distiller, TermContext, get_term
-from repro.methods.base import Batch, TeacherFn, forward_model
+from repro.methods.base import Batch, InitStage, LossTerm, Outputs, TeacherFn, forward_model
 from repro.models import create_model
 from repro.optim import OPTIMIZERS, SCHEDULES, effective_lr
 from repro.pipelines import DataBundle, build_pipeline
@@ -54,6 +54,31 @@ class Resolved:
     teacher: Optional[nn.Module] = None
     teacher_key: Optional[str] = None  # hash of the teacher's weights (keys the teacher-output cache)
     assistants: Optional[dict[str, nn.Module]] = None
+
+
+@dataclass
+class InitRun:
+    """A term's initialisation stage as this run trains it: the term, its stage, the stage's optimizer and lr."""
+
+    name: str
+    term: LossTerm
+    stage: InitStage
+    modules: list[nn.Module]
+    optimizer: torch.optim.Optimizer
+    lr: float
+
+
+def student_feature_modules(student: nn.Module) -> list[nn.Module]:
+    """The student without its classifier, as modules (RepDistiller's ``get_feat_modules``): every direct child
+    but ``get_classifier()``, and the student's own direct parameters if it has any."""
+    classifier = student.get_classifier() if hasattr(student, "get_classifier") else None
+    children = list(student.children())
+    if classifier is None or not any(child is classifier for child in children):
+        raise ReproError(f"an initialisation stage that trains the student needs its classifier as a direct "
+                         f"submodule named by get_classifier(); {type(student).__name__} has none")
+    modules = [child for child in children if child is not classifier]
+    own = list(student.parameters(recurse=False))
+    return modules + ([nn.ParameterList(own)] if own else [])
 
 
 # -- numerics and determinism --------------------------------------------------------------------------------
@@ -215,6 +240,10 @@ def mean_entropy(logits: torch.Tensor) -> float:
 
 # -- one run -------------------------------------------------------------------------------------------------
 class Trainer:
+    # Set by _build_init_stage (a run without an initialisation stage keeps these).
+    init: Optional[InitRun] = None
+    init_history: list[dict[str, Any]] = []  # never appended to unless _build_init_stage gave a run its own
+
     def __init__(self, config: dict[str, Any], store: RunStore, run_id: str, device: torch.device,
                  resolved: Resolved, progress: bool = True, options: Optional[ScaleOptions] = None) -> None:
         self.config = config
@@ -272,8 +301,10 @@ class Trainer:
             self.deviations.append(cache_note)
         self.distiller = Distiller(student, self.resolved.teacher, terms, teacher_fn=teacher_fn)
         self.lr = self._learning_rate()
-        self.optimizer = OPTIMIZERS.get(recipe.optimizer.name)([student, self.distiller.terms], recipe.optimizer,
-                                                               self.lr)
+        # Term modules trained only in an initialisation stage (FT's paraphraser) stay out of this optimizer.
+        term_modules = nn.ModuleList([m for term in self.distiller.terms.values() for m in term.trainable_modules()])
+        self.optimizer = OPTIMIZERS.get(recipe.optimizer.name)([student, term_modules], recipe.optimizer, self.lr)
+        self._build_init_stage()
         self.steps_per_epoch = len(self.train_loader)  # optimizer steps (one per global batch)
         self.scheduler = SCHEDULES.get(recipe.schedule.name)(self.optimizer, recipe.schedule, recipe.epochs,
                                                              self.steps_per_epoch)
@@ -365,6 +396,90 @@ class Trainer:
             return f"pipeline {self.recipe.pipeline!r} has no discrete augmentation views; the teacher ran live"
         return None
 
+    # -- initialisation stage (RepDistiller helper/pretrain.py) --------------------------------------------------
+    def _build_init_stage(self) -> None:
+        """The initialisation stage of the (at most one) term that declares one, with its own optimizer."""
+        self.init: Optional[InitRun] = None
+        self.init_history: list[dict[str, Any]] = []
+        stages = {name: (term, stage) for name, term in self.distiller.terms.items()
+                  if (stage := term.init_stage()) is not None and stage.epochs > 0}
+        if not stages:
+            return
+        if len(stages) > 1:
+            raise ReproError(f"at most one loss term may run an initialisation stage; {', '.join(sorted(stages))} do")
+        if self.par.distributed:
+            raise ReproError("an initialisation stage (loss term " + ", ".join(stages) + ") runs on a single "
+                             "process only; run this cell without several processes")
+        ((name, (term, stage)),) = stages.items()
+        modules = list(stage.modules) + (student_feature_modules(self.student) if stage.trains_student else [])
+        lr = float(stage.lr) if stage.lr is not None else self.lr
+        # A fresh optimizer of the recipe's kind at a constant lr, as RepDistiller's init() builds its SGD.
+        optimizer = OPTIMIZERS.get(self.recipe.optimizer.name)(modules, self.recipe.optimizer, lr)
+        self.init = InitRun(name, term, stage, modules, optimizer, lr)
+
+    def _run_init_stage(self, best: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        """The stage's remaining epochs (none after a resume past it), each logged and checkpointed at epoch 0."""
+        if self.init is None:
+            return
+        for k in range(len(self.init_history) + 1, self.init.stage.epochs + 1):
+            t0 = time.perf_counter()
+            loss = self._init_epoch(k)
+            self.init_history.append({"stage": "init", "init_epoch": k, "term": self.init.name, "lr": self.init.lr,
+                                      f"loss_init_{self.init.name}": loss, "wall_time_s": time.perf_counter() - t0})
+            self._save_checkpoint(0, best, history)
+
+    def _init_epoch(self, k: int) -> float:
+        """One epoch of the initialisation stage; returns its mean loss."""
+        run = self.init
+        assert run is not None
+        self.student.train(run.stage.trains_student)  # RepDistiller: model_s.eval(), then init_modules.train()
+        for module in run.modules:
+            module.train()
+        self.train_loader.set_epoch(-k)  # the stage's own data orders (training epochs use 1..epochs)
+        preact = run.term.features == "preact"
+        student_grad = nullcontext if run.stage.trains_student else torch.no_grad
+        acc, n_images = EpochAccumulator(self.device), 0
+        for step, batch in enumerate(self.train_loader):
+            batch.epoch = 0
+            run.optimizer.zero_grad(set_to_none=True)
+            with self._autocast():
+                with student_grad():
+                    logits, feats = forward_model(self.student, batch.images, True, preact)
+                teacher_logits, teacher_feats = self.distiller.teacher_fn(batch, True, preact)
+                loss = run.term.init_loss(Outputs(logits, feats, teacher_logits, teacher_feats), batch)
+            loss.backward()
+            run.optimizer.step()
+            images = int(batch.labels.numel())
+            n_images += images
+            acc.add(step + 1, images, {}, loss, batch_entropy(logits))
+        sums, _ = acc.read()
+        try:
+            acc.raise_if_non_finite(k)
+        except RunFailed as failure:
+            raise RunFailed(f"initialisation stage of {run.name}: {failure.reason}", stage="init",
+                            **failure.details) from None
+        return sums.get("total", 0.0) / max(n_images, 1)
+
+    def _init_state(self) -> Optional[dict[str, Any]]:
+        if self.init is None:
+            return None
+        done = len(self.init_history) >= self.init.stage.epochs
+        return {"history": self.init_history, "optimizer": None if done else self.init.optimizer.state_dict()}
+
+    def _init_report(self) -> dict[str, Any]:
+        """What the initialisation stage trained, stamped in the result (empty without one)."""
+        if self.init is None:
+            return {}
+        term_parts = {id(m): f"{self.init.name}.{n}" for n, m in self.init.term.named_modules() if n}
+        trained = [term_parts.get(id(m), self.init.name) for m in self.init.stage.modules]
+        if self.init.stage.trains_student:
+            trained.append("student (all but its classifier)")
+        cfg = self.recipe.optimizer
+        return {"init_stage": {
+            "term": self.init.name, "epochs": len(self.init_history), "lr": self.init.lr, "trained": trained,
+            "optimizer": {"name": cfg.name, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay},
+            "loss_per_epoch": [row[f"loss_init_{self.init.name}"] for row in self.init_history]}}
+
     # -- state -----------------------------------------------------------------------------------------------
     def _save_checkpoint(self, epoch: int, best: dict[str, Any], history: list[dict[str, Any]]) -> None:
         rng = gather_rng_states(self.par, self.device)  # each rank's own generators, by rank
@@ -381,8 +496,9 @@ class Trainer:
             "rng": rng,
             "nondeterministic_kernels": list(self.kernels),  # rank 0's, since the run started
             "mapping": self.mapping.fields(),  # informative only: resuming at another world size is fine
+            "init": self._init_state(),
         })
-        self.store.write_metrics(self.run_id, history)
+        self.store.write_metrics(self.run_id, self.init_history + history)
 
     def _load_checkpoint(self) -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
         path = self.store.checkpoint_path(self.run_id)
@@ -398,8 +514,13 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.deviations += restore_rng_states(state["rng"], self.par, self.device)
         self.kernels += [k for k in state.get("nondeterministic_kernels", []) if k not in self.kernels]
+        init = state.get("init")
+        if init and self.init is not None:
+            self.init_history = list(init["history"])
+            if init["optimizer"] is not None:
+                self.init.optimizer.load_state_dict(init["optimizer"])
         if self.par.is_main:
-            self.store.write_metrics(self.run_id, state["history"])  # drop lines written after that checkpoint
+            self.store.write_metrics(self.run_id, self.init_history + state["history"])  # drop lines written after that checkpoint
         return int(state["epoch"]), state["best"], state["history"]
 
     # -- loop --------------------------------------------------------------------------------------------------
@@ -408,6 +529,7 @@ class Trainer:
         start_epoch, best, history = self._load_checkpoint()
         # Wrapped after loading: DDP starts by giving every rank rank 0's weights, the resumed ones.
         self.train_step = distributed.wrap_train_step(self.distiller, self.par, self.device, self.options)
+        self._run_init_stage(best, history)
         epochs = self.recipe.epochs
         steps_per_epoch = len(self.train_loader)
         bar = tqdm(total=epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, desc=self.run_id[:8],
@@ -431,7 +553,7 @@ class Trainer:
             "sync_batchnorm": self.par.distributed and self.options.bn == "sync"
                               and distributed.has_batchnorm(self.student),
             "data_fingerprint": self.data.fingerprint, "deviations": self.deviations,
-            "term_reports": self._term_reports(),
+            "term_reports": self._term_reports(), **self._init_report(),
         }
 
     def _epochs(self, start_epoch: int, epochs: int, bar: Any, log: EpochLog, history: list[dict[str, Any]],

@@ -67,6 +67,17 @@ CASES: dict[str, Case] = {
     "ctkd": Case(),
     "ctkd (dkd)": Case(params={"base": "dkd", "alpha": 1.0, "beta": 1.0}),
     "vitkd": Case(student="vit_smoke_tiny", teacher="vit_smoke_small"),
+    "sp": Case(),
+    "cc": Case(),
+    "nst": Case(student="ShuffleV1", teacher="wrn_16_2"),  # other widths and spatial sizes: pooling runs
+    "ab": Case(student="ShuffleV1", teacher="wrn_16_2"),  # real connectors (strided/transposed convs)
+    "ft": Case(student="ShuffleV1", teacher="wrn_16_2"),
+    "fsp": Case(),
+    "fitnet": Case(student="ShuffleV1", teacher="wrn_16_2"),  # a strided/transposed regressor between shapes
+    "at": Case(),
+    "vid": Case(student="ShuffleV1", teacher="wrn_16_2"),
+    "rkd": Case(),
+    "pkt": Case(),
 }
 
 
@@ -86,7 +97,7 @@ def _frozen(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def _feature_dims(model: Optional[nn.Module], device: torch.device, preact: bool) -> list[int]:
+def _feature_shapes(model: Optional[nn.Module], device: torch.device, preact: bool) -> list[tuple[int, ...]]:
     if model is None or not hasattr(model, "vit") and "is_feat" not in model.forward.__code__.co_varnames:
         return []
     was = model.training
@@ -94,7 +105,11 @@ def _feature_dims(model: Optional[nn.Module], device: torch.device, preact: bool
     with torch.no_grad():
         _, feats = forward_model(model, torch.zeros(2, 3, 32, 32, device=device), True, preact)
     model.train(was)
-    return [int(f.shape[1]) for f in feats or []]
+    return [tuple(int(d) for d in f.shape[1:]) for f in feats or []]
+
+
+def _feature_dims(model: Optional[nn.Module], device: torch.device, preact: bool) -> list[int]:
+    return [shape[0] for shape in _feature_shapes(model, device, preact)]
 
 
 def _batch(device: torch.device, n: int = 4) -> Batch:
@@ -135,7 +150,9 @@ def _run(case: Case, name: str, device: torch.device, fake: bool = False) -> Non
     ctx = TermContext(student=student, teacher=teacher, num_classes=CLASSES, train_labels=train_labels,
                       device=device, epochs=2, assistants=assistants, sample_batches=sample_batches,
                       student_feat_dims=_feature_dims(student, device, preact) if wants_feats else [],
-                      teacher_feat_dims=_feature_dims(teacher, device, preact) if wants_feats else [])
+                      teacher_feat_dims=_feature_dims(teacher, device, preact) if wants_feats else [],
+                      student_feat_shapes=_feature_shapes(student, device, preact) if wants_feats else [],
+                      teacher_feat_shapes=_feature_shapes(teacher, device, preact) if wants_feats else [])
     batch = _batch(device)
     # The fake device: real CPU tensors everywhere, but a tensor the term makes without a device lands on meta.
     with torch.device("meta") if fake else nullcontext():
@@ -146,6 +163,15 @@ def _run(case: Case, name: str, device: torch.device, fake: bool = False) -> Non
         for term, value in losses.items():
             assert value.device == device and value.dim() == 0, term
         sum(losses.values()).backward()
+        if terms[name][1].init_stage() is not None:  # the initialisation stage's loss too (AB, FT, FSP)
+            from repro.methods import Outputs
+
+            s_logits, s_feats = forward_model(student, batch.images, True, preact)
+            with torch.no_grad():
+                t_logits, t_feats = forward_model(teacher, batch.images, True, preact)
+            init_loss = terms[name][1].init_loss(Outputs(s_logits, s_feats, t_logits, t_feats), batch)
+            assert init_loss.device == device and init_loss.dim() == 0
+            init_loss.backward()
     for p in list(student.parameters()) + list(distiller.terms.parameters()):
         if p.grad is not None:
             assert p.grad.device == device

@@ -79,9 +79,9 @@ def test_regressor_maps_student_maps_onto_the_teacher_shape(student, teacher, ki
 
 
 def test_regressor_refuses_a_student_map_it_cannot_map() -> None:
-    with pytest.raises(ReproError, match="no regressor maps a student hint map of 4x4 onto a teacher map of 16x16"):
+    with pytest.raises(ReproError, match="no convolutional regressor maps a student map of 4x4 onto a teacher map of 16x16"):
         regressor_conv((8, 4, 4), (8, 16, 16))
-    with pytest.raises(ReproError, match="must be a feature map"):
+    with pytest.raises(ReproError, match="needs feature maps"):
         regressor_conv((8,), (8, 4, 4))
 
 

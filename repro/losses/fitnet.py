@@ -25,7 +25,7 @@ def regressor_conv(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...
     it is half as high, otherwise (student at least as high) a valid convolution of kernel
     (1 + H_s - H_t, 1 + W_s - W_t)."""
     if len(student_shape) != 3 or len(teacher_shape) != 3:
-        raise ReproError(f"fitnet: the hint layer must be a feature map [C, H, W] in student and teacher, got "
+        raise ReproError(f"a convolutional regressor needs feature maps [C, H, W] in student and teacher, got "
                          f"{tuple(student_shape)} and {tuple(teacher_shape)}")
     (s_c, s_h, s_w), (t_c, t_h, t_w) = student_shape, teacher_shape
     if s_h == 2 * t_h:
@@ -34,18 +34,21 @@ def regressor_conv(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...
         return nn.ConvTranspose2d(s_c, t_c, kernel_size=4, stride=2, padding=1, device=device)
     if s_h >= t_h and s_w >= t_w:
         return nn.Conv2d(s_c, t_c, kernel_size=(1 + s_h - t_h, 1 + s_w - t_w), device=device)
-    raise ReproError(f"fitnet: no regressor maps a student hint map of {s_h}x{s_w} onto a teacher map of "
+    raise ReproError(f"no convolutional regressor maps a student map of {s_h}x{s_w} onto a teacher map of "
                      f"{t_h}x{t_w} (the student map must be at least as large, or half as large)")
 
 
 class ConvRegressor(nn.Module):
-    """FitNet's regressor: convolution, BatchNorm, ReLU (RepDistiller ``ConvReg`` with ``use_relu=True``)."""
+    """RepDistiller's ``ConvReg``: convolution, BatchNorm and, when ``relu`` (FitNet's regressor), a ReLU; AB's
+    connector is the same module without the ReLU."""
 
-    def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...],
+    def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], relu: bool = True,
                  device: Optional[torch.device] = None) -> None:
         super().__init__()
-        self.conv = regressor_conv(student_shape, teacher_shape, device=device)
+        self.conv = regressor_conv(tuple(student_shape), tuple(teacher_shape), device=device)
         self.bn = nn.BatchNorm2d(teacher_shape[0], device=device)
+        self.relu = relu
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.bn(self.conv(x)))
+        out = self.bn(self.conv(x))
+        return F.relu(out) if self.relu else out

@@ -80,6 +80,23 @@ def feature_shapes(ctx: TermContext, term: str) -> tuple[list[tuple[int, ...]], 
     return list(ctx.student_feat_shapes), list(ctx.teacher_feat_shapes)
 
 
+@dataclass
+class InitStage:
+    """A stage a term trains before epoch 1 (RepDistiller ``helper/pretrain.py init``, for AB, FT and FSP).
+
+    The training loop runs it with a fresh optimizer of the recipe's kind (SGD with the recipe's momentum and
+    weight decay for the CIFAR recipes) at a constant ``lr`` for ``epochs`` epochs, minimising the term's
+    ``init_loss``; only ``modules`` and, when ``trains_student``, the student without its classifier
+    (RepDistiller's ``get_feat_modules``) are optimised. The stage is part of the run: its epochs are
+    checkpointed, logged and resumed like the training epochs.
+    """
+
+    epochs: int
+    modules: list[nn.Module] = field(default_factory=list)  # the term's own modules trained in the stage
+    trains_student: bool = False  # the student's feature layers train too (in train mode); else it stays in eval
+    lr: Optional[float] = None  # None: the run's base learning rate
+
+
 class LossTerm(nn.Module):
     """One registered loss term. Subclasses set the class attributes and implement ``forward``.
 
@@ -100,6 +117,18 @@ class LossTerm(nn.Module):
     def requires_teacher_model(cls) -> bool:
         return cls.needs_teacher if cls.needs_teacher_model is None else cls.needs_teacher_model
 
+    @classmethod
+    def planned_init_epochs(cls, params: dict[str, Any]) -> int:
+        """Epochs of the initialisation stage a term built with ``params`` runs, for cost estimates: its
+        ``init_epochs`` constructor parameter, given or default (0 for a term without one)."""
+        import inspect
+
+        parameter = inspect.signature(cls.__init__).parameters.get("init_epochs")
+        if parameter is None:
+            return 0
+        value = params.get("init_epochs", parameter.default)
+        return int(value) if isinstance(value, (int, float)) else 0
+
     def __init__(self, ctx: TermContext, **params: Any) -> None:
         super().__init__()
         if params:
@@ -108,6 +137,19 @@ class LossTerm(nn.Module):
     def active(self, epoch: int) -> bool:
         """Whether the term contributes at this (1-based) epoch; SSTA's early stop overrides it."""
         return True
+
+    def trainable_modules(self) -> list[nn.Module]:
+        """The term's modules optimised with the student during training (all of it by default); a module trained
+        only in an initialisation stage and frozen afterwards (FT's paraphraser) is left out."""
+        return [self]
+
+    def init_stage(self) -> Optional[InitStage]:
+        """The stage this term trains before epoch 1, if any (None for most terms)."""
+        return None
+
+    def init_loss(self, out: Outputs, batch: Batch) -> Tensor:
+        """The unweighted loss of the initialisation stage (features of the term's kind in ``out``)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no initialisation stage")
 
     def report(self) -> dict[str, Any]:
         """What the term decided or derived before training that a reader of the run must see (SSTA's chosen
