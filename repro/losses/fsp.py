@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from repro.losses.nst import match_spatial
+from repro.losses.spatial import pool_to_common_size
 
 
 def fsp_matrix(bottom: Tensor, top: Tensor) -> Tensor:
     """[b, m, n] FSP matrix of two maps [b, m, h, w], [b, n, h', w'] (pooled to the smaller spatial size)."""
-    bottom, top = match_spatial(bottom.float(), top.float())
+    bottom, top = pool_to_common_size(bottom.float(), top.float())
     return bottom.flatten(2) @ top.flatten(2).transpose(1, 2) / bottom[0, 0].numel()
 
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from repro.losses.nst import match_spatial
+from repro.losses.spatial import pool_to_common_size
 
 FACTOR_RATE = 0.5  # RepDistiller: k = 0.5 for both paraphraser and translator
 
@@ -28,7 +28,7 @@ def factor(features: Tensor, p1: float = 2) -> Tensor:
 
 def factor_transfer_loss(student_factor: Tensor, teacher_factor: Tensor, p1: float = 2, p2: float = 1) -> Tensor:
     """``mean |phi_s - phi_t|^p2`` (p2 = 1: absolute values; otherwise the power as the official code takes it)."""
-    student_factor, teacher_factor = match_spatial(student_factor, teacher_factor)
+    student_factor, teacher_factor = pool_to_common_size(student_factor, teacher_factor)
     diff = factor(student_factor, p1) - factor(teacher_factor, p1)
     return diff.abs().mean() if p2 == 1 else diff.pow(p2).mean()
 

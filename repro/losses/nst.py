@@ -11,15 +11,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def match_spatial(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
-    """Adaptive-average-pool the larger of two [b, c, h, h] maps to the other's (square) size."""
-    s_h, t_h = student.shape[2], teacher.shape[2]
-    if s_h > t_h:
-        student = F.adaptive_avg_pool2d(student, (t_h, t_h))
-    elif s_h < t_h:
-        teacher = F.adaptive_avg_pool2d(teacher, (s_h, s_h))
-    return student, teacher
+from repro.losses.spatial import pool_to_common_size
 
 
 def _poly_kernel_mean(a: Tensor, b: Tensor) -> Tensor:
@@ -29,7 +21,7 @@ def _poly_kernel_mean(a: Tensor, b: Tensor) -> Tensor:
 
 def nst_loss(student: Tensor, teacher: Tensor) -> Tensor:
     """NST between one student and one teacher stage (channel counts may differ)."""
-    student, teacher = match_spatial(student.float(), teacher.float())
+    student, teacher = pool_to_common_size(student.float(), teacher.float())
     s = F.normalize(student.flatten(2), dim=2)
     t = F.normalize(teacher.flatten(2), dim=2)
     return _poly_kernel_mean(t, t).detach() + _poly_kernel_mean(s, s) - 2 * _poly_kernel_mean(s, t)

@@ -1,4 +1,4 @@
-"""Spatial matching of a student and a teacher feature map before a map-to-map loss (AT, VID).
+"""Spatial matching of a student and a teacher feature map before a map-to-map loss (AT, VID, NST).
 
 RepDistiller's ``at_loss`` and ``VIDLoss`` average-pool whichever map is larger down to the other's height
 (``F.adaptive_avg_pool2d(f, (H, H))``: CIFAR maps are square); maps of equal height pass unchanged.

@@ -109,6 +109,13 @@ def _xca_type() -> type:
     return XCA
 
 
+def _xca_q_k(qkv_out: Tensor, num_heads: int) -> tuple[Tensor, Tensor]:
+    """q and k, each [B, H, N, d_h], from the output [B, N, 3 C] of an XCA block's ``qkv`` linear."""
+    batch, tokens, width = qkv_out.shape
+    qkv = qkv_out.reshape(batch, tokens, 3, num_heads, width // 3 // num_heads).permute(2, 0, 3, 1, 4)
+    return qkv[0], qkv[1]
+
+
 class XCAReading(_BlockReading):
     """timm ``XCA``: channel maps ``softmax(normalize(q) normalize(k)^T * temperature)``, [B, H, d, d]."""
 
@@ -123,11 +130,10 @@ class XCAReading(_BlockReading):
         def hook(module: nn.Module, inputs: Any, out: Tensor) -> None:
             if not wanted():
                 return
-            batch, tokens, width = out.shape
-            # (3, B, H, d, N), as timm's XCA.forward permutes it
-            qkv = out.reshape(batch, tokens, 3, attn.num_heads, width // 3 // attn.num_heads).permute(2, 0, 3, 4, 1)
-            q = torch.nn.functional.normalize(qkv[0].float(), dim=-1)
-            k = torch.nn.functional.normalize(qkv[1].float(), dim=-1)
+            q, k = _xca_q_k(out, attn.num_heads)  # [B, H, N, d]
+            # (B, H, d, N), as timm's XCA.forward permutes them, L2-normalised over the tokens
+            q = torch.nn.functional.normalize(q.transpose(-2, -1).float(), dim=-1)
+            k = torch.nn.functional.normalize(k.transpose(-2, -1).float(), dim=-1)
             on_qk(q, k, attn.temperature)
 
         return [attn.qkv.register_forward_hook(hook)]
@@ -146,10 +152,8 @@ class XCATokenReading(_BlockReading):
         def hook(module: nn.Module, inputs: Any, out: Tensor) -> None:
             if not wanted():
                 return
-            batch, tokens, width = out.shape
-            head_dim = width // 3 // attn.num_heads
-            qkv = out.reshape(batch, tokens, 3, attn.num_heads, head_dim).permute(2, 0, 3, 1, 4)
-            on_qk(qkv[0], qkv[1], head_dim ** -0.5)
+            q, k = _xca_q_k(out, attn.num_heads)  # [B, H, N, d]
+            on_qk(q, k, q.shape[-1] ** -0.5)
 
         return [attn.qkv.register_forward_hook(hook)]
 
