@@ -116,46 +116,45 @@ def _xca_q_k(qkv_out: Tensor, num_heads: int) -> tuple[Tensor, Tensor]:
     return qkv[0], qkv[1]
 
 
-class XCAReading(_BlockReading):
+class _XCABlockReading(_BlockReading):
+    """A reading of timm's ``XCA`` blocks: one hook on ``qkv`` hands q, k and a scale to the capture."""
+
+    @property
+    def module_type(self) -> type:  # type: ignore[override]
+        return _xca_type()
+
+    def install(self, attn: nn.Module, on_qk: QKCallback, wanted: Wanted) -> list[RemovableHandle]:
+        def hook(module: nn.Module, inputs: Any, out: Tensor) -> None:
+            if wanted():
+                q, k = _xca_q_k(out, attn.num_heads)  # [B, H, N, d]
+                on_qk(*self.read(q, k, attn))
+
+        return [attn.qkv.register_forward_hook(hook)]
+
+    def read(self, q: Tensor, k: Tensor, attn: nn.Module) -> tuple[Tensor, Tensor, Any]:  # pragma: no cover
+        raise NotImplementedError
+
+
+class XCAReading(_XCABlockReading):
     """timm ``XCA``: channel maps ``softmax(normalize(q) normalize(k)^T * temperature)``, [B, H, d, d]."""
 
     name = "xca"
     supports_relation = False  # concatenating heads would give a C x C map, no teacher has one
 
-    @property
-    def module_type(self) -> type:  # type: ignore[override]
-        return _xca_type()
-
-    def install(self, attn: nn.Module, on_qk: QKCallback, wanted: Wanted) -> list[RemovableHandle]:
-        def hook(module: nn.Module, inputs: Any, out: Tensor) -> None:
-            if not wanted():
-                return
-            q, k = _xca_q_k(out, attn.num_heads)  # [B, H, N, d]
-            # (B, H, d, N), as timm's XCA.forward permutes them, L2-normalised over the tokens
-            q = torch.nn.functional.normalize(q.transpose(-2, -1).float(), dim=-1)
-            k = torch.nn.functional.normalize(k.transpose(-2, -1).float(), dim=-1)
-            on_qk(q, k, attn.temperature)
-
-        return [attn.qkv.register_forward_hook(hook)]
+    def read(self, q: Tensor, k: Tensor, attn: nn.Module) -> tuple[Tensor, Tensor, Any]:
+        # (B, H, d, N), as timm's XCA.forward permutes them, L2-normalised over the tokens
+        q = torch.nn.functional.normalize(q.transpose(-2, -1).float(), dim=-1)
+        k = torch.nn.functional.normalize(k.transpose(-2, -1).float(), dim=-1)
+        return q, k, attn.temperature
 
 
-class XCATokenReading(_BlockReading):
+class XCATokenReading(_XCABlockReading):
     """A token map from an XCA block's raw q and k: ``softmax(q k^T / sqrt(d_h))`` over the patch tokens."""
 
     name = "xca_tokens"
 
-    @property
-    def module_type(self) -> type:  # type: ignore[override]
-        return _xca_type()
-
-    def install(self, attn: nn.Module, on_qk: QKCallback, wanted: Wanted) -> list[RemovableHandle]:
-        def hook(module: nn.Module, inputs: Any, out: Tensor) -> None:
-            if not wanted():
-                return
-            q, k = _xca_q_k(out, attn.num_heads)  # [B, H, N, d]
-            on_qk(q, k, q.shape[-1] ** -0.5)
-
-        return [attn.qkv.register_forward_hook(hook)]
+    def read(self, q: Tensor, k: Tensor, attn: nn.Module) -> tuple[Tensor, Tensor, Any]:
+        return q, k, q.shape[-1] ** -0.5
 
 
 class ClassAttentionReading(Reading):
