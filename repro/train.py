@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -66,6 +66,7 @@ class InitRun:
     modules: list[nn.Module]
     optimizer: torch.optim.Optimizer
     lr: float
+    history: list[dict[str, Any]] = field(default_factory=list)  # one metrics row per finished stage epoch
 
 
 def student_feature_modules(student: nn.Module) -> list[nn.Module]:
@@ -240,9 +241,7 @@ def mean_entropy(logits: torch.Tensor) -> float:
 
 # -- one run -------------------------------------------------------------------------------------------------
 class Trainer:
-    # Set by _build_init_stage (a run without an initialisation stage keeps these).
-    init: Optional[InitRun] = None
-    init_history: list[dict[str, Any]] = []  # never appended to unless _build_init_stage gave a run its own
+    init: Optional[InitRun] = None  # set by _build_init_stage when a term declares an initialisation stage
 
     def __init__(self, config: dict[str, Any], store: RunStore, run_id: str, device: torch.device,
                  resolved: Resolved, progress: bool = True, options: Optional[ScaleOptions] = None) -> None:
@@ -399,8 +398,7 @@ class Trainer:
     # -- initialisation stage (RepDistiller helper/pretrain.py) --------------------------------------------------
     def _build_init_stage(self) -> None:
         """The initialisation stage of the (at most one) term that declares one, with its own optimizer."""
-        self.init: Optional[InitRun] = None
-        self.init_history: list[dict[str, Any]] = []
+        self.init = None
         stages = {name: (term, stage) for name, term in self.distiller.terms.items()
                   if (stage := term.init_stage()) is not None and stage.epochs > 0}
         if not stages:
@@ -421,10 +419,10 @@ class Trainer:
         """The stage's remaining epochs (none after a resume past it), each logged and checkpointed at epoch 0."""
         if self.init is None:
             return
-        for k in range(len(self.init_history) + 1, self.init.stage.epochs + 1):
+        for k in range(len(self.init.history) + 1, self.init.stage.epochs + 1):
             t0 = time.perf_counter()
             loss = self._init_epoch(k)
-            self.init_history.append({"stage": "init", "init_epoch": k, "term": self.init.name, "lr": self.init.lr,
+            self.init.history.append({"stage": "init", "init_epoch": k, "term": self.init.name, "lr": self.init.lr,
                                       f"loss_init_{self.init.name}": loss, "wall_time_s": time.perf_counter() - t0})
             self._save_checkpoint(0, best, history)
 
@@ -460,11 +458,15 @@ class Trainer:
                             **failure.details) from None
         return sums.get("total", 0.0) / max(n_images, 1)
 
+    def _init_rows(self) -> list[dict[str, Any]]:
+        """The stage's metrics rows, written before the training epochs' (none without a stage)."""
+        return self.init.history if self.init is not None else []
+
     def _init_state(self) -> Optional[dict[str, Any]]:
         if self.init is None:
             return None
-        done = len(self.init_history) >= self.init.stage.epochs
-        return {"history": self.init_history, "optimizer": None if done else self.init.optimizer.state_dict()}
+        done = len(self.init.history) >= self.init.stage.epochs
+        return {"history": self.init.history, "optimizer": None if done else self.init.optimizer.state_dict()}
 
     def _init_report(self) -> dict[str, Any]:
         """What the initialisation stage trained, stamped in the result (empty without one)."""
@@ -476,9 +478,9 @@ class Trainer:
             trained.append("student (all but its classifier)")
         cfg = self.recipe.optimizer
         return {"init_stage": {
-            "term": self.init.name, "epochs": len(self.init_history), "lr": self.init.lr, "trained": trained,
+            "term": self.init.name, "epochs": len(self.init.history), "lr": self.init.lr, "trained": trained,
             "optimizer": {"name": cfg.name, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay},
-            "loss_per_epoch": [row[f"loss_init_{self.init.name}"] for row in self.init_history]}}
+            "loss_per_epoch": [row[f"loss_init_{self.init.name}"] for row in self.init.history]}}
 
     # -- state -----------------------------------------------------------------------------------------------
     def _save_checkpoint(self, epoch: int, best: dict[str, Any], history: list[dict[str, Any]]) -> None:
@@ -498,7 +500,7 @@ class Trainer:
             "mapping": self.mapping.fields(),  # informative only: resuming at another world size is fine
             "init": self._init_state(),
         })
-        self.store.write_metrics(self.run_id, self.init_history + history)
+        self.store.write_metrics(self.run_id, self._init_rows() + history)
 
     def _load_checkpoint(self) -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
         path = self.store.checkpoint_path(self.run_id)
@@ -516,11 +518,12 @@ class Trainer:
         self.kernels += [k for k in state.get("nondeterministic_kernels", []) if k not in self.kernels]
         init = state.get("init")
         if init and self.init is not None:
-            self.init_history = list(init["history"])
+            self.init.history = list(init["history"])
             if init["optimizer"] is not None:
                 self.init.optimizer.load_state_dict(init["optimizer"])
         if self.par.is_main:
-            self.store.write_metrics(self.run_id, self.init_history + state["history"])  # drop lines written after that checkpoint
+            # drop lines written after that checkpoint
+            self.store.write_metrics(self.run_id, self._init_rows() + state["history"])
         return int(state["epoch"]), state["best"], state["history"]
 
     # -- loop --------------------------------------------------------------------------------------------------
@@ -534,7 +537,7 @@ class Trainer:
         steps_per_epoch = len(self.train_loader)
         bar = tqdm(total=epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, desc=self.run_id[:8],
                    leave=False, disable=not self.progress, mininterval=1.0, unit="step")
-        log = EpochLog(self.store.run_dir(self.run_id), self.run_id, self.run_id, self.config, start_epoch,
+        log = EpochLog(self.store.run_dir(self.run_id), self.run_id, self.config, start_epoch,
                        None if self.par.is_main else [])  # rank 0 logs
         try:
             history, best, images_seen, train_seconds = self._epochs(start_epoch, epochs, bar, log, history, best)

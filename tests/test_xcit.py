@@ -8,6 +8,7 @@ block's input written out here.
 from __future__ import annotations
 
 import json
+from typing import Callable
 
 import pytest
 import torch
@@ -42,28 +43,26 @@ def _images(size=48, batch=2, seed=1):
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def _timm_probabilities(attn: nn.Module, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """timm's own softmax output: non-fused forward, read where it enters ``attn_drop``."""
+def _seen_in_forward(module: nn.Module, model: nn.Module, x: torch.Tensor, pick: Callable) -> torch.Tensor:
+    """``pick(inputs, output)`` of ``module`` during one no-grad forward of ``model``."""
     seen = []
-    attn.fused_attn = False
-    handle = attn.attn_drop.register_forward_hook(lambda m, i, o: seen.append(o))
+    handle = module.register_forward_hook(lambda m, i, o: seen.append(pick(i, o)))
     try:
         with torch.no_grad():
             model(x)
     finally:
         handle.remove()
     return seen[0]
+
+
+def _timm_probabilities(attn: nn.Module, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's own softmax output: non-fused forward, read where it enters ``attn_drop``."""
+    attn.fused_attn = False
+    return _seen_in_forward(attn.attn_drop, model, x, lambda i, o: o)
 
 
 def _block_input(attn: nn.Module, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    seen = []
-    handle = attn.register_forward_hook(lambda m, i, o: seen.append(i[0]))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        handle.remove()
-    return seen[0]
+    return _seen_in_forward(attn, model, x, lambda i, o: i[0])
 
 
 def test_xca_maps_equal_timm_and_a_recomputation_with_normalisation_and_temperature(xcit):

@@ -24,7 +24,7 @@ class RunLogger:
 
     package = ""  # the optional package the logger needs
 
-    def __init__(self, run_dir: Path, run_id: str, label: str, config: dict[str, Any], start_epoch: int) -> None:
+    def __init__(self, run_dir: Path, run_id: str, config: dict[str, Any], start_epoch: int) -> None:
         raise NotImplementedError
 
     @classmethod
@@ -76,10 +76,10 @@ def epoch_scalars(row: dict[str, Any]) -> dict[str, float]:
 class EpochLog:
     """The loggers of one run (rank 0 only), opened once and closed whatever happens."""
 
-    def __init__(self, run_dir: Path, run_id: str, label: str, config: dict[str, Any], start_epoch: int,
+    def __init__(self, run_dir: Path, run_id: str, config: dict[str, Any], start_epoch: int,
                  names: Optional[list[str]] = None) -> None:
         names = selected_loggers() if names is None else names
-        self.loggers = [LOGGERS.get(n)(run_dir, run_id, label, config, start_epoch) for n in names]
+        self.loggers = [LOGGERS.get(n)(run_dir, run_id, config, start_epoch) for n in names]
 
     def log(self, row: dict[str, Any]) -> None:
         scalars = epoch_scalars(row)

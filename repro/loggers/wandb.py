@@ -13,10 +13,10 @@ from repro.loggers import LOGGERS, RunLogger
 class WandbLogger(RunLogger):
     package = "wandb"
 
-    def __init__(self, run_dir: Path, run_id: str, label: str, config: dict[str, Any], start_epoch: int) -> None:
+    def __init__(self, run_dir: Path, run_id: str, config: dict[str, Any], start_epoch: int) -> None:
         import wandb
 
-        self.run = wandb.init(project=os.environ.get("REPRO_WANDB_PROJECT", "repro"), id=run_id, name=label,
+        self.run = wandb.init(project=os.environ.get("REPRO_WANDB_PROJECT", "repro"), id=run_id, name=run_id,
                               config=config, dir=str(run_dir), resume="allow",
                               mode=os.environ.get("WANDB_MODE", "offline"))
 
