@@ -33,8 +33,8 @@ from repro.models import create_model
 from repro.optim import OPTIMIZERS, SCHEDULES, effective_lr
 from repro.pipelines import DataBundle, build_pipeline
 from repro.provenance import environment
-from repro.spec import Recipe
 from repro.store import RunStore, atomic_torch_save
+from repro.train_config import TrainRecipe
 
 
 class RunFailed(Exception):
@@ -83,7 +83,7 @@ def student_feature_modules(student: nn.Module) -> list[nn.Module]:
 
 
 # -- numerics and determinism --------------------------------------------------------------------------------
-def configure_numerics(recipe: Recipe, device: torch.device, seed: int) -> list[str]:
+def configure_numerics(recipe: TrainRecipe, device: torch.device, seed: int) -> list[str]:
     """Seed everything and set every numeric switch from the recipe (none inherited from an earlier run in this
     process); returns the deviations to record."""
     random.seed(seed)
@@ -98,7 +98,7 @@ def configure_numerics(recipe: Recipe, device: torch.device, seed: int) -> list[
     return notes
 
 
-def set_backend_flags(recipe: Recipe, device: torch.device) -> list[str]:
+def set_backend_flags(recipe: TrainRecipe, device: torch.device) -> list[str]:
     """Determinism, TF32 and denormal flushing as the recipe asks, every one set explicitly."""
     notes = numerics.apply_determinism(recipe.deterministic, device)
     notes += numerics.apply_tf32(recipe.tf32, device)
@@ -253,7 +253,7 @@ class Trainer:
         self.options = options or ScaleOptions()
         self.par = distributed.current()
         self.progress = progress and self.par.is_main
-        self.recipe = Recipe.model_validate(_recipe_with_defaults(config["recipe"]))
+        self.recipe = TrainRecipe.model_validate(config["recipe"])
         self.seed = int(config["seed"])
         self.kernels: list[str] = []  # non-deterministic kernels that ran (train_run records them)
         self.mapping = distributed.map_batch(self.recipe.batch_size, self.par.world_size, self.options)
@@ -723,11 +723,6 @@ def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[int
     return len(matching), [k for k in own if k not in matching]
 
 
-def _recipe_with_defaults(recipe: dict[str, Any]) -> dict[str, Any]:
-    # Run configs drop the planner-only keys; put neutral defaults back so the Recipe model validates.
-    return {**recipe, "lr_by_arch": {}}
-
-
 def train_run(config: dict[str, Any], store: RunStore, run_id: str, device: torch.device, resolved: Resolved,
               progress: bool = True, options: Optional[ScaleOptions] = None) -> dict[str, Any]:
     """Train (or resume) one run and return its result fields (without the environment stamp).
@@ -748,7 +743,7 @@ def train_run(config: dict[str, Any], store: RunStore, run_id: str, device: torc
 def evaluate_model(model: nn.Module, recipe_dict: dict[str, Any], device: torch.device) -> dict[str, float]:
     """Top-1/top-5 of a model on the recipe's test split (the teacher-accuracy gate uses it); split across the
     ranks of a process group when the test loader can be."""
-    recipe = Recipe.model_validate(_recipe_with_defaults(recipe_dict))
+    recipe = TrainRecipe.model_validate(recipe_dict)
     set_backend_flags(recipe, device)  # the teacher runs under the recipe's TF32/determinism, as stamped
     data = build_pipeline(recipe, 0, device)
     loader, sharded = shard_for_evaluation(data.test)
