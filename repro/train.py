@@ -15,7 +15,8 @@ import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
 import torch
@@ -33,8 +34,20 @@ from repro.models import create_model
 from repro.optim import OPTIMIZERS, SCHEDULES, effective_lr
 from repro.pipelines import DataBundle, build_pipeline
 from repro.provenance import environment
-from repro.store import RunStore, atomic_torch_save
+from repro.store import atomic_torch_save
 from repro.train_config import TrainRecipe
+
+
+class RunFiles(Protocol):
+    """Where one run's files live: what the trainer needs of the run store (``repro.store.RunStore``), which the
+    harness owns; the trainer only writes the files of the run it was given."""
+
+    root: Path  # the store's root (its ``.cache`` holds the teacher-output and analysis caches)
+
+    def run_dir(self, run_id: str) -> Path: ...
+    def checkpoint_path(self, run_id: str) -> Path: ...
+    def model_path(self, run_id: str) -> Path: ...
+    def write_metrics(self, run_id: str, history: list[dict[str, Any]]) -> None: ...
 
 
 class RunFailed(Exception):
@@ -243,7 +256,7 @@ def mean_entropy(logits: torch.Tensor) -> float:
 class Trainer:
     init: Optional[InitRun] = None  # set by _build_init_stage when a term declares an initialisation stage
 
-    def __init__(self, config: dict[str, Any], store: RunStore, run_id: str, device: torch.device,
+    def __init__(self, config: dict[str, Any], store: RunFiles, run_id: str, device: torch.device,
                  resolved: Resolved, progress: bool = True, options: Optional[ScaleOptions] = None) -> None:
         self.config = config
         self.store = store
@@ -723,7 +736,7 @@ def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[int
     return len(matching), [k for k in own if k not in matching]
 
 
-def train_run(config: dict[str, Any], store: RunStore, run_id: str, device: torch.device, resolved: Resolved,
+def train_run(config: dict[str, Any], store: RunFiles, run_id: str, device: torch.device, resolved: Resolved,
               progress: bool = True, options: Optional[ScaleOptions] = None) -> dict[str, Any]:
     """Train (or resume) one run and return its result fields (without the environment stamp).
 
