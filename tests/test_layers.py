@@ -67,6 +67,11 @@ LAYER_OF: dict[str, tuple[str, str]] = {
     "repro.provenance": ("core", ""),
     "repro.numerics": ("core", ""),  # determinism / TF32 switches, stamped by provenance
     "repro.domains": ("core", ""),  # parameter domains, declared by loss terms and checked by specs
+    # the target packages of issue 12, as they appear (a module inside one is judged by its package)
+    "repro.core": ("core", ""),
+    "repro.harness": ("harness", ""),
+    "repro.analyses": ("harness", ""),
+    "repro.papers": ("harness", ""),  # a paper's specs and figure definitions
 }
 
 # Known violations that other branches of issue 12 remove; the lead empties this at merge. Each entry is an import
@@ -245,3 +250,4 @@ def test_data_may_not_import_methods(tmp_path, monkeypatch):
         "data/__init__.py": "", "data/loader.py": "from repro.methods.base import Batch\n",
     }, monkeypatch)
     assert violations(graph) == [("repro.data.loader", "repro.methods.base")]
+
