@@ -121,11 +121,13 @@ def cifar_crop_flip(recipe: Recipe, seed: int, device: torch.device) -> DataBund
 
 
 def _register_folder_pipelines() -> None:
-    """ImageNet-style folder pipelines (torchdistill's standard recipe, DeiT's recipe) live in repro.data."""
-    from repro.data.pipelines_folder import FOLDER_RECIPE_OPTIONS, build_folder_pipeline
+    """ImageNet-style folder pipelines (torchdistill's standard recipe, DeiT's recipe) live in repro.data, imported
+    when one is built or checked (timm and torchvision load slowly)."""
 
     def make(name: str) -> PipelineFactory:
         def build(recipe: Recipe, seed: int, device: torch.device) -> DataBundle:
+            from repro.data.pipelines_folder import build_folder_pipeline
+
             root = data_root(recipe)
             if recipe.data.synthetic is not None:
                 from repro.data.imagefolder import write_synthetic_imagefolder
@@ -150,7 +152,13 @@ def _register_folder_pipelines() -> None:
     for name in ("imagenet_standard", "deit"):
         PIPELINES.register(name)(make(name))
         PIPELINE_DATASETS[name] = lambda: list(FOLDER_DATASETS)
-        PIPELINE_ARGS[name] = lambda args, name=name: [*FOLDER_ARGS, *FOLDER_RECIPE_OPTIONS[name]]
+        PIPELINE_ARGS[name] = lambda args, name=name: [*FOLDER_ARGS, *_folder_options(name)]
+
+
+def _folder_options(name: str) -> list[str]:
+    from repro.data.pipelines_folder import FOLDER_RECIPE_OPTIONS
+
+    return list(FOLDER_RECIPE_OPTIONS[name])
 
 
 _register_folder_pipelines()  # registered with this module, like cifar_crop_flip above
