@@ -1,4 +1,4 @@
-"""``repro bench``: KD training throughput of the official loop's structure against this suite's fast paths.
+"""``python -m bench`` (``make bench``): KD training throughput of the official loop's structure against this suite's fast paths.
 
 One KD step (the CRD-style baseline of wttm.md 1.4: 0.1 CE + 0.9 KD at T=4, SGD lr 0.05 / momentum 0.9 / wd 5e-4,
 batch 64) is timed for each (teacher -> student pair, path):
@@ -654,13 +654,13 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    """``repro bench``: run the benchmark, write the JSON, print the table; exit code 0."""
+    """``python -m bench``: run the benchmark, write the JSON, print the table; exit code 0."""
     benchmark(config_from_args(args))
     return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m repro.bench")
+    parser = argparse.ArgumentParser(prog="python -m bench")
     sub = parser.add_subparsers(dest="command", required=True)
     add_bench_parser(sub)
     args = parser.parse_args(["bench", *(argv if argv is not None else sys.argv[1:])])
