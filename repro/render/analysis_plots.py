@@ -1,4 +1,4 @@
-"""Figures of the SSTA analysis experiments: shape bias, ImageNet-C, top-10 categories.
+"""Figures of the analysis experiments: shape bias, ImageNet-C, top-10 categories.
 
 Each function draws one PNG with a title, axis labels and a ``stamp`` (e.g. "tier=smoke  commit=abc123") in the
 corner, so a figure never travels without saying what produced it. Figures are built with the object-oriented
