@@ -54,20 +54,30 @@ def spec_files() -> dict[str, Path]:
     return files
 
 
+EXTERNAL_MODULE = "repro_paper_{paper}_figures"  # the module name of a figures.py outside the package
+
+
 def load_figure_modules() -> list[str]:
-    """Import every paper's ``figures.py`` (once each), so that its figures are registered; returns the papers
-    that have one. Built-in papers are imported as ``repro.papers.<paper>.figures``; others from their file."""
+    """Import every paper's ``figures.py`` (once each), so that its figures are registered; returns their module
+    names. Built-in papers are imported as ``repro.papers.<paper>.figures``; others from their file."""
     loaded = []
     for paper, folder in paper_dirs().items():
         path = folder / "figures.py"
         if not path.is_file():
             continue
         if folder.parent == BUILTIN_ROOT:
-            importlib.import_module(f"{__name__}.{paper}.figures")
+            name = f"{__name__}.{paper}.figures"
+            importlib.import_module(name)
         else:
-            _import_file(f"repro_paper_{paper}_figures", path)
-        loaded.append(paper)
+            name = EXTERNAL_MODULE.format(paper=paper)
+            _import_file(name, path)
+        loaded.append(name)
     return loaded
+
+
+def is_paper_module(module: str) -> bool:
+    """Whether ``module`` is a paper's figure module (as opposed to shared code registering figures)."""
+    return module.startswith(f"{__name__}.") or (module.startswith("repro_paper_") and module.endswith("_figures"))
 
 
 def _import_file(name: str, path: Path) -> None:

@@ -78,12 +78,19 @@ def figure(name: str, *, last: bool = False) -> Callable[[FigureStep], FigureSte
 
 def figure_steps() -> dict[str, FigureStep]:
     """Every figure step, in drawing order: each paper's (papers in name order, steps in the order their module
-    registers them), then the shared ones marked ``last``."""
-    from repro.papers import load_figure_modules
+    registers them), then the shared ones marked ``last``. Only papers found now count (``$REPRO_PAPERS`` may have
+    changed since a paper's module registered its figures)."""
+    from repro.papers import is_paper_module, load_figure_modules
 
-    load_figure_modules()
-    ordered = [n for n, d in _FIGURES.items() if not d.last] + [n for n, d in _FIGURES.items() if d.last]
-    return {name: _FIGURES[name].draw for name in ordered}
+    papers = load_figure_modules()  # module names, in paper name order
+
+    def rank(item: tuple[str, FigureDef]) -> tuple[bool, int]:
+        module = item[1].draw.__module__
+        return item[1].last, papers.index(module) if module in papers else len(papers)
+
+    current = [(n, d) for n, d in _FIGURES.items()
+               if d.draw.__module__ in papers or not is_paper_module(d.draw.__module__)]
+    return {name: d.draw for name, d in sorted(current, key=rank)}  # stable: registration order within a paper
 
 
 @figure("reported-vs-reproduced", last=True)
