@@ -135,7 +135,7 @@ def plot_top10(
     title: str = "Top-10 categories",
     class_labels: Optional[Mapping[str, str]] = None,
 ) -> Path:
-    """Grouped bars of correct counts per class, one panel per group of the table (``repro.evaluate.top10``).
+    """Grouped bars of correct counts per class, one panel per group of the table (``repro.analyses.top10``).
 
     ``class_labels`` renames the table's class names on the axis (e.g. WNID -> "water snake").
     """
