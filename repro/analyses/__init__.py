@@ -1,9 +1,11 @@
 """Evaluation suites: ``SUITES.get(name)(model, cfg, device) -> dict`` (JSON-ready, with a ``protocol`` record).
 
 ``repro eval MODEL --suite clean,imagenet-c,shape-bias,top10`` looks each name up here; no caller branches on it.
-A suite is one module of this package: a function decorated with ``@suite(name, data=..., headline=...)`` (every
-module of the package is imported on the first use of ``SUITES``, so there is no list to edit). ``data`` names the folder it
-reads (an ``repro.analyses.records.EvalData`` field), ``headline`` its one-number console summary.
+A suite is one module of this package: a function decorated with ``@suite(name, data=..., headline=...)``
+(every module of the package is imported on the first read of ``SUITES``, so there is no list to edit). ``data``
+names the folder it reads (a ``repro.analyses.suite_config.EvalData`` field), ``headline`` its one-number console
+summary. The other modules: ``resolve`` (MODEL -> a loaded model), ``suite_config`` (data, options, the ``cfg``
+mapping), ``records`` (the JSON record), ``spec_models`` (the models of a spec's runs, for analysis figures).
 
 ``cfg`` is a plain mapping. Shared keys may sit at the top level; a section named after the suite overrides them
 (unknown keys inside a section are an error):
