@@ -50,7 +50,7 @@ figures: install
 	$(REPRO) figures --tier $(TIER)
 
 bench: install
-	$(REPRO) bench
+	$(PY) -m bench
 
 teachers: install
 	$(REPRO) teachers fetch

@@ -15,12 +15,12 @@ from pydantic import (ConfigDict, PositiveFloat, PositiveInt, PrivateAttr, Valid
                       model_validator)
 
 from repro.errors import ReproError
+from repro.papers import spec_files
 from repro.train_config import Strict, TrainRecipe
 
 if TYPE_CHECKING:
     from repro.overrides import Override
 
-SPEC_ROOT = Path(__file__).parent / "specs"
 TIERS = ("smoke", "proxy", "full")
 Tier = Literal["smoke", "proxy", "full"]
 SourceKind = Literal["paper", "appendix", "readme", "code", "other-paper", "assumption"]
@@ -284,11 +284,22 @@ def spec_path(spec_ref: str) -> Path:
         if not candidate.is_file():
             raise ReproError(f"spec file {spec_ref!r} does not exist")
         return candidate
-    by_id = SPEC_ROOT / f"{spec_ref}.yaml"
-    if not by_id.is_file():
+    by_id = spec_files().get(spec_ref)
+    if by_id is None or by_id.name.startswith("_"):
         known = ", ".join(all_spec_ids()) or "(none)"
         raise ReproError(f"no spec {spec_ref!r} (not a file, not a spec id); known spec ids: {known}")
     return by_id
+
+
+def spec_display_path(spec_id: str) -> str:
+    """Where a spec's file is, as a reader of a table finds it: relative to the checkout when it is inside (a spec
+    loaded from a YAML path whose id is no paper's spec: its id as a file name)."""
+    found = spec_files().get(spec_id)
+    if found is None:
+        return f"{spec_id}.yaml"
+    path = found.resolve()
+    checkout = Path(__file__).resolve().parent.parent
+    return path.relative_to(checkout).as_posix() if path.is_relative_to(checkout) else str(path)
 
 
 def read_spec_data(spec_ref: str) -> tuple[Path, dict[str, Any]]:
@@ -522,9 +533,10 @@ def _check_term(where: str, name: str, params: dict[str, Any], epochs: int) -> N
 
 
 def _read_base(base: str, spec_file: Path) -> dict[str, Any]:
-    path = SPEC_ROOT / f"{base}.yaml"
-    if not path.is_file():
-        raise ReproError(f"spec {spec_file}: base {base!r} does not exist ({path})")
+    path = spec_files().get(base)
+    if path is None:
+        raise ReproError(f"spec {spec_file}: base {base!r} does not exist (a base is <paper>/<name>, the file "
+                         f"<paper>/specs/<name>.yaml of a paper folder)")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -547,15 +559,14 @@ def check_model_names(spec: Spec) -> None:
 
 def all_spec_ids() -> list[str]:
     """Every runnable spec; files starting with ``_`` are shared bases, not specs."""
-    return sorted(str(p.relative_to(SPEC_ROOT).with_suffix("")) for p in SPEC_ROOT.rglob("*.yaml")
-                  if not p.name.startswith("_"))
+    return sorted(spec_id for spec_id, path in spec_files().items() if not path.name.startswith("_"))
 
 
 def specs_for_output(output: str) -> list[str]:
     """Spec ids that render into ``tables/<output>.md``, in file order (table order)."""
     ranked = []
     for spec_id in all_spec_ids():
-        raw = yaml.safe_load((SPEC_ROOT / f"{spec_id}.yaml").read_text()) or {}
+        raw = yaml.safe_load(spec_path(spec_id).read_text()) or {}
         if raw.get("output") == output:
             ranked.append((raw.get("order", 100), spec_id))
     if not ranked:
@@ -564,7 +575,7 @@ def specs_for_output(output: str) -> list[str]:
 
 
 def all_outputs() -> list[str]:
-    outs = {(yaml.safe_load((SPEC_ROOT / f"{s}.yaml").read_text()) or {}).get("output") for s in all_spec_ids()}
+    outs = {(yaml.safe_load(spec_path(s).read_text()) or {}).get("output") for s in all_spec_ids()}
     return sorted(o for o in outs if o)
 
 

@@ -1,4 +1,4 @@
-"""``repro bench --quick``: a well-formed results.json for every path, and a warm cache that never runs the teacher.
+"""``python -m bench --quick``: a well-formed results.json for every path, and a warm cache that never runs the teacher.
 
 No assertion here is about speed: the numbers only have to exist and be positive.
 """
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from repro.bench import DEFAULT_PATHS, RunSizes, add_bench_parser, merge_rounds, run_bench
+from bench.bench import DEFAULT_PATHS, RunSizes, build_parser, merge_rounds, run_bench
 from repro.errors import ReproError
 
 SETTING_KEYS = {"loader", "teacher", "flush_denormal", "channels_last", "precision", "cache_dtype", "num_workers",
@@ -18,9 +18,7 @@ SETTING_KEYS = {"loader", "teacher", "flush_denormal", "channels_last", "precisi
 
 
 def _args(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_bench_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["bench", *argv])
+    return build_parser().parse_args(list(argv))
 
 
 def _bench(tmp_path: Path, *argv: str) -> dict:

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from repro.errors import ReproError
-from repro.evaluate.command import add_eval_parser, run_eval, with_head
+from repro.analyses.resolve import with_head
+from repro.cli.evaluation import add_eval_parser, run_eval
 from repro.models import create_model
 from repro.store import RunStore
 

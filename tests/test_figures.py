@@ -14,7 +14,10 @@ import torch.nn as nn
 
 import repro.render.figures as figures
 from repro.compare import compare_plan
-from repro.evaluate.command import add_figures_parser, analysis_models, run_figures, top10_pair
+from repro.analyses.spec_models import analysis_models
+from repro.cli.figures import add_figures_parser, run_figures
+from repro.papers.ssta.figures import top10_pair
+from repro.papers.wttm.figures import ENTROPY_FIGURE
 from repro.losses import wttm_loss, wttm_weight
 from repro.methods.base import Outputs, TermContext
 from repro.methods.wttm import WTTM
@@ -101,7 +104,7 @@ def test_entropy_figure_from_metrics(tmp_path, figure1_plan, drawn):
     curves = figures.gather_entropy_curves(figure1_plan, store)
     assert len(curves) == 3 and all(set(per_pair) == {"KD", "TTM", "WTTM"} for per_pair in curves.values())
     assert curves["resnet56 → resnet20"]["KD"] == [(1, 2.0, 0.0), (2, 1.0, 0.0), (3, 2.0 / 3, 0.0)]
-    path = figures.plot_entropy_curves(curves, tmp_path / figures.ENTROPY_FIGURE, figures.figure_stamp("smoke"))
+    path = figures.plot_entropy_curves(curves, tmp_path / ENTROPY_FIGURE, figures.figure_stamp("smoke"))
     assert_png(path)
     assert_labelled(drawn[0], "entropy", "Epoch", "Mean predictive entropy H(q) (nats)")
 
@@ -216,13 +219,15 @@ def test_figures_command_writes_named_pngs_without_running(tmp_path, figure1_pla
                               "--tables", str(tmp_path / "tables"), "--device", "cpu", "--no-progress"])
     assert run_figures(args) == 0
     names = {p.name for p in (tmp_path / "figures").iterdir()}
-    assert {figures.ENTROPY_FIGURE, figures.TRANSFER_FIGURE, "reported-vs-reproduced-wttm-figure1.png",
+    assert {ENTROPY_FIGURE, figures.TRANSFER_FIGURE, "reported-vs-reproduced-wttm-figure1.png",
             "reported-vs-reproduced-ssta-transfer.png"} <= names
     for name in names:
         assert_png(tmp_path / "figures" / name)
 
 
 def test_every_figure_group_runs_by_default():
-    from repro.evaluate.command import FIGURE_STEPS, STEP_ORDER
+    from repro.render.figure_steps import figure_steps
 
-    assert sorted(STEP_ORDER) == sorted(FIGURE_STEPS)
+    steps = list(figure_steps())
+    # Every paper's figures are discovered, and the shared reported-vs-reproduced figure is drawn last.
+    assert {"entropy", "transfer", "ssta-analyses"} <= set(steps) and steps[-1] == "reported-vs-reproduced"

@@ -15,8 +15,8 @@ from PIL import Image
 
 from repro.data.imagenet_c_synthetic import corrupt_image, write_synthetic_imagenet_c
 from repro.errors import ReproError
-from repro.evaluate import SUITES
-from repro.evaluate.imagenet_c import (
+from repro.analyses import SUITES
+from repro.analyses.imagenet_c import (
     BENCHMARK_CORRUPTIONS,
     EXTRA_CORRUPTIONS,
     alexnet_errors,

@@ -17,7 +17,8 @@ from repro.methods import LOSS_TERMS
 from repro.models import create_model
 from repro.plan import make_plan
 from repro.runner import evaluate_checkpoint
-from repro.spec import SPEC_ROOT, load_spec
+from repro.papers import spec_files
+from repro.spec import load_spec, spec_path
 from repro.train import RunFailed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -65,9 +66,9 @@ def test_wttm_gamma_and_beta_follow_table_10():
 @pytest.mark.parametrize("spec_id", sorted(SPECS))
 def test_every_recipe_setting_has_provenance_and_every_term_exists(spec_id):
     spec = load_spec(spec_id)
-    raw = yaml.safe_load((SPEC_ROOT / f"{spec_id}.yaml").read_text())
+    raw = yaml.safe_load(spec_path(spec_id).read_text())
     if raw.get("base"):
-        raw = yaml.safe_load((SPEC_ROOT / f"{raw['base']}.yaml").read_text())
+        raw = yaml.safe_load(spec_files()[raw['base']].read_text())
     assert set(raw["recipe"]) <= set(spec.recipe_provenance)
     for method in spec.methods.values():
         assert all(name in LOSS_TERMS for name in method.losses)

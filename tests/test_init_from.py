@@ -9,7 +9,7 @@ import torch
 
 from repro.cli import main
 from repro.plan import make_plan
-from repro.spec import SPEC_ROOT, load_spec
+from repro.spec import load_spec, spec_path
 from repro.store import RunStore
 from tests.conftest import TINY_SPEC
 
@@ -62,12 +62,12 @@ def test_seeds_of_a_finetuned_row_start_from_the_same_seeds_of_the_source():
 def _copies(tmp_path: Path, main_replace: tuple[str, str] = ("", "")) -> tuple[str, str]:
     """ssta/imagenet-main and ssta/transfer copied into tmp_path, the copy of transfer naming the copy of main by
     a path relative to itself."""
-    main_text = (SPEC_ROOT / "ssta" / "imagenet-main.yaml").read_text()
+    main_text = spec_path("ssta/imagenet-main").read_text()
     if main_replace[0]:
         assert main_replace[0] in main_text
         main_text = main_text.replace(*main_replace)
     (tmp_path / "imagenet-main.yaml").write_text(main_text)
-    transfer_text = (SPEC_ROOT / "ssta" / "transfer.yaml").read_text()
+    transfer_text = spec_path("ssta/transfer").read_text()
     assert transfer_text.count(SSTA_SOURCE) == 4
     (tmp_path / "transfer.yaml").write_text(transfer_text.replace(SSTA_SOURCE, "spec: imagenet-main.yaml"))
     return str(tmp_path / "imagenet-main.yaml"), str(tmp_path / "transfer.yaml")

@@ -14,8 +14,8 @@ from timm.data import ImageNetInfo
 
 from repro.data.cue_conflict_synthetic import write_synthetic_cue_conflict
 from repro.errors import ReproError
-from repro.evaluate import SUITES
-from repro.evaluate.shape_bias import (
+from repro.analyses import SUITES
+from repro.analyses.shape_bias import (
     CATEGORIES,
     SIXTEEN_CLASS_FILE,
     map_to_16_classes,

@@ -13,7 +13,8 @@ import yaml
 from repro.methods import LOSS_TERMS
 from repro.optim import effective_lr
 from repro.plan import make_plan
-from repro.spec import SPEC_ROOT, Spec, load_spec, specs_for_output
+from repro.papers import spec_files
+from repro.spec import Spec, load_spec, spec_path, specs_for_output
 
 SPEC_IDS = ["ssta/imagenet-main", "ssta/ablation-ta", "ssta/ablation-heads", "ssta/ablation-weights",
             "ssta/ablation-early-stop"]
@@ -87,7 +88,7 @@ def test_deit_baselines_are_the_readme_numbers(specs):
 
 
 def test_filling_in_an_ssta_value_is_a_data_only_change(tmp_path):
-    raw = yaml.safe_load((SPEC_ROOT / f"{MAIN}.yaml").read_text())
+    raw = yaml.safe_load(spec_path(MAIN).read_text())
     before = make_plan(load_spec(MAIN), "full")
     filled = copy.deepcopy(raw)
     cell = next(c for c in filled["cells"] if "SSTA" in c["method"])
@@ -116,7 +117,7 @@ def test_full_tier_is_deits_recipe(specs):
 
 
 def test_every_recipe_setting_and_ssta_choice_has_provenance(specs):
-    base = yaml.safe_load((SPEC_ROOT / "ssta/_imagenet.yaml").read_text())
+    base = yaml.safe_load(spec_files()["ssta/_imagenet"].read_text())
     for spec in specs.values():
         assert set(base["recipe"]) <= set(spec.recipe_provenance)
     main = specs[MAIN]

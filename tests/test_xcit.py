@@ -224,7 +224,7 @@ def test_a_dino_style_checkpoint_without_classifier_loads(tmp_path):
 
 
 def test_distilled_xcit_has_one_head_for_ce_the_hard_kd_and_evaluation():
-    from repro.evaluate.command import with_head
+    from repro.analyses.resolve import with_head
     from repro.methods import Batch, Outputs, TermContext, get_term
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Figures of the SSTA analysis experiments: shape bias, ImageNet-C, top-10 categories.
+"""Figures of the analysis experiments: shape bias, ImageNet-C, top-10 categories.
 
 Each function draws one PNG with a title, axis labels and a ``stamp`` (e.g. "tier=smoke  commit=abc123") in the
 corner, so a figure never travels without saying what produced it. Figures are built with the object-oriented
@@ -135,7 +135,7 @@ def plot_top10(
     title: str = "Top-10 categories",
     class_labels: Optional[Mapping[str, str]] = None,
 ) -> Path:
-    """Grouped bars of correct counts per class, one panel per group of the table (``repro.evaluate.top10``).
+    """Grouped bars of correct counts per class, one panel per group of the table (``repro.analyses.top10``).
 
     ``class_labels`` renames the table's class names on the axis (e.g. WNID -> "water snake").
     """

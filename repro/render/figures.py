@@ -1,8 +1,8 @@
-"""Figures rendered from the run store and the tables: reported vs reproduced, WTTM Figure 1, SSTA transfer.
+"""Figures rendered from the run store and the tables: reported vs reproduced, entropy curves, transfer accuracy.
 
 Each figure is two steps: a *gather* function turns store contents (or a table CSV) into a small tidy structure,
 and a *plot* function draws it into a PNG with a title, axis labels and a stamp (tier, commit, date) in the corner.
-The SSTA analysis figures (shape bias, ImageNet-C, top-10) are drawn by ``repro.render.analysis_plots`` from
+The analysis figures (shape bias, ImageNet-C, top-10) are drawn by ``repro.render.analysis_plots`` from
 evaluation records; ``gather_*`` helpers for them live here too, so every figure reads the same kind of input.
 """
 from __future__ import annotations
@@ -28,7 +28,6 @@ from repro.store import RunStore
 
 # What each figure file is called: the name says what it shows.
 REPORTED_VS_REPRODUCED = "reported-vs-reproduced-{output}.png"
-ENTROPY_FIGURE = "entropy-wttm-figure1.png"
 TRANSFER_FIGURE = "transfer.png"
 SHAPE_BIAS_FIGURE = "shape-bias.png"
 IMAGENET_C_FIGURE = "imagenet-c.png"
@@ -114,7 +113,7 @@ def plot_reported_vs_reproduced(frame: pd.DataFrame, path: str | Path, stamp: st
     return _save(figure, path, stamp)
 
 
-# --------------------------------------------------------------------------------------------- WTTM Figure 1
+# --------------------------------------------------------------------------------------------- entropy curves
 
 EntropyCurves = dict[str, dict[str, list[tuple[int, float, float]]]]  # pair -> method -> (epoch, mean, std)
 
@@ -168,7 +167,7 @@ def plot_entropy_curves(curves: Mapping[str, Mapping[str, Sequence[tuple[int, fl
     return _save(figure, path, stamp)
 
 
-# --------------------------------------------------------------------------------------------- SSTA transfer
+# --------------------------------------------------------------------------------------------- transfer
 
 
 def gather_transfer(results: Sequence[CellResult], store: RunStore, model_names: Mapping[str, str]) -> pd.DataFrame:
@@ -221,7 +220,7 @@ def plot_transfer(frame: pd.DataFrame, path: str | Path, stamp: str,
     return _save(figure, path, stamp)
 
 
-# --------------------------------------------------------------------------------------------- SSTA analyses
+# --------------------------------------------------------------------------------------------- analyses
 
 
 def gather_shape_bias(records: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, dict], dict[str, Optional[float]]]:

@@ -11,7 +11,7 @@ from tabulate import tabulate
 from repro.compare import VERDICT_RULE, CellResult
 from repro.plan import Plan
 from repro.provenance import git_commit, library_versions
-from repro.spec import Spec
+from repro.spec import Spec, spec_display_path
 from repro.store import atomic_write_bytes
 
 CSV_COLUMNS = ["table", "spec", "teacher", "student", "method", "reported_mean", "reported_std", "reported_n",
@@ -131,7 +131,7 @@ def section_markdown(spec: Spec, tier: str, results: list[CellResult], per_cell_
                                     "Verdict", "Runs"], tablefmt="github", disable_numparse=True)
     recipe = spec.recipe_for(tier)
     lines = [f"## {spec.table}: {spec.title}", "",
-             f"Spec `{spec.id}` (`repro/specs/{spec.id}.yaml`); tier **{tier}**; seeds per cell: "
+             f"Spec `{spec.id}` (`{spec_display_path(spec.id)}`); tier **{tier}**; seeds per cell: "
              f"{spec.seeds_for(tier)}{_seed_exceptions(spec, tier)}; metric protocol: {recipe.metric}-epoch "
              f"top-1 unless a cell says otherwise.",
              "", table, ""]

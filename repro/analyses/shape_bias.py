@@ -24,8 +24,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from repro.analyses import suite
 from repro.errors import ReproError
-from repro.evaluate.predict import EvalOptions, build_folder_loader, options_from_cfg, predict_folder, require_root
+from repro.analyses.predict import EvalOptions, build_folder_loader, options_from_cfg, predict_folder, require_root
 
 SIXTEEN_CLASS_FILE = Path(__file__).resolve().parent.parent / "data" / "shape_bias_16class.json"
 
@@ -152,6 +153,8 @@ def evaluate_shape_bias(
     return result
 
 
+@suite("shape-bias", data="cue_conflict_root",
+       headline=lambda r: "shape bias " + ("n/a" if r["shape_bias"] is None else f"{r['shape_bias']:.3f}"))
 def shape_bias_suite(model: nn.Module, cfg: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
     options = options_from_cfg(ShapeBiasOptions, cfg, "shape-bias")
     root = require_root(options, "shape-bias")

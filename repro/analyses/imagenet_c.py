@@ -19,8 +19,9 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from repro.analyses import suite
 from repro.errors import ReproError
-from repro.evaluate.predict import (
+from repro.analyses.predict import (
     EvalOptions,
     build_folder_loader,
     options_from_cfg,
@@ -224,6 +225,8 @@ def evaluate_imagenet_c(
     return result
 
 
+@suite("imagenet-c", data="imagenet_c_root",
+       headline=lambda r: f"mCE {r['mce']:.1f}{'' if r['complete_benchmark'] else ' (subset)'}")
 def imagenet_c_suite(model: nn.Module, cfg: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
     options = options_from_cfg(ImageNetCOptions, cfg, "imagenet-c")
     root = require_root(options, "imagenet-c")

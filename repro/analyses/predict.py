@@ -1,6 +1,6 @@
 """Batched inference over an image folder, and the options every evaluation suite shares.
 
-Suites read a plain ``cfg`` mapping (see ``repro.evaluate`` for the keys). Options common to all suites may sit at
+Suites read a plain ``cfg`` mapping (see ``repro.analyses`` for the keys). Options common to all suites may sit at
 the top level of ``cfg``; a section named after the suite (``cfg["imagenet-c"]``) overrides them. A key in a
 suite's section that the suite does not know is an error, so a typo cannot silently fall back to a default.
 """
@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 from tqdm.auto import tqdm
 
+from repro.analyses import suite
 from repro.errors import ReproError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -249,6 +250,7 @@ class ValOptions(EvalOptions):
             object.__setattr__(self, "resize_size", math.floor(self.image_size / CROP_RATIO))  # floor, as timm
 
 
+@suite("clean", data="data_root", headline=lambda r: f"top-1 {r['top1']:.2f}")
 def clean_suite(model: nn.Module, cfg: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
     """Top-1/top-5 accuracy (percent) on a labelled class-per-folder set (e.g. ImageNet val)."""
     options = options_from_cfg(ValOptions, cfg, "clean")

@@ -1,4 +1,4 @@
-"""``repro bench``: KD training throughput of the official loop's structure against this suite's fast paths.
+"""``python -m bench`` (``make bench``): KD training throughput of the official loop's structure against this suite's fast paths.
 
 One KD step (the CRD-style baseline of wttm.md 1.4: 0.1 CE + 0.9 KD at T=4, SGD lr 0.05 / momentum 0.9 / wd 5e-4,
 batch 64) is timed for each (teacher -> student pair, path):
@@ -594,10 +594,10 @@ def _check_models(pairs: tuple[tuple[str, str], ...]) -> None:
         raise ReproError(f"--pairs: unknown model(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
 
 
-def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``bench`` subcommand to an argparse subparsers object; returns its parser."""
-    p = subparsers.add_parser("bench", help="KD training throughput: the official loop's structure vs the fast paths",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m bench``."""
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", nargs="+", default=None, metavar="TEACHER:STUDENT",
                    help=f"default: {' '.join(DEFAULT_PAIRS)} (--quick: {' '.join(QUICK_PAIRS)})")
     p.add_argument("--paths", nargs="+", default=list(DEFAULT_PATHS), choices=list(DEFAULT_PATHS))
@@ -654,16 +654,13 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    """``repro bench``: run the benchmark, write the JSON, print the table; exit code 0."""
+    """``python -m bench``: run the benchmark, write the JSON, print the table; exit code 0."""
     benchmark(config_from_args(args))
     return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m repro.bench")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_bench_parser(sub)
-    args = parser.parse_args(["bench", *(argv if argv is not None else sys.argv[1:])])
+    args = build_parser().parse_args(argv if argv is not None else sys.argv[1:])
     try:
         return run_bench(args)
     except ReproError as err:

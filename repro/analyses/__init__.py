@@ -1,11 +1,16 @@
 """Evaluation suites: ``SUITES.get(name)(model, cfg, device) -> dict`` (JSON-ready, with a ``protocol`` record).
 
 ``repro eval MODEL --suite clean,imagenet-c,shape-bias,top10`` looks each name up here; no caller branches on it.
+A suite is one module of this package: a function decorated with ``@suite(name, data=..., headline=...)``
+(every module of the package is imported on the first read of ``SUITES``, so there is no list to edit). ``data``
+names the folder it reads (a ``repro.analyses.suite_config.EvalData`` field), ``headline`` its one-number console
+summary. The other modules: ``resolve`` (MODEL -> a loaded model), ``suite_config`` (data, options, the ``cfg``
+mapping), ``records`` (the JSON record), ``spec_models`` (the models of a spec's runs, for analysis figures).
 
 ``cfg`` is a plain mapping. Shared keys may sit at the top level; a section named after the suite overrides them
 (unknown keys inside a section are an error):
 
-Shared (``repro.evaluate.predict.EvalOptions``)
+Shared (``repro.analyses.predict.EvalOptions``)
     ``batch_size`` (64), ``num_workers`` (min(8, CPUs)), ``image_size`` (224: the centre crop), ``resize_size``
     (suite default, see below; ``null`` = crop only), ``mean``/``std`` (ImageNet), ``amp`` (false; bf16 autocast),
     ``label_space`` ("auto": WNID folders read by a 1000-way model use the ImageNet indices, anything else the
@@ -28,32 +33,68 @@ Example: ``{"batch_size": 128, "imagenet-c": {"root": "/data/ImageNet-C"}, "shap
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
 
-from repro.evaluate.imagenet_c import imagenet_c_suite
-from repro.evaluate.predict import clean_suite
-from repro.evaluate.shape_bias import shape_bias_suite
-from repro.evaluate.top10 import top10_suite
 from repro.registry import Registry
 
-Suite = Callable[[nn.Module, Mapping[str, Any], "torch.device | str"], dict[str, Any]]
-SUITES: Registry[Suite] = Registry("evaluation suite")
+SuiteFn = Callable[[nn.Module, Mapping[str, Any], "torch.device | str"], dict[str, Any]]
 
-SUITES.register("clean")(clean_suite)
-SUITES.register("imagenet-c")(imagenet_c_suite)
-SUITES.register("shape-bias")(shape_bias_suite)
-SUITES.register("top10")(top10_suite)
+
+@dataclass(frozen=True)
+class Suite:
+    """A registered suite: called as ``suite(model, cfg, device)``; ``data`` is the EvalData folder it reads."""
+
+    run: SuiteFn
+    data: str
+    headline: Callable[[dict[str, Any]], str]
+
+    def __call__(self, model: nn.Module, cfg: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
+        return self.run(model, cfg, device)
+
+
+_SUITES: Registry[Suite] = Registry("evaluation suite")  # read as SUITES: the first read imports every suite
+_discovered = False
+
+
+def suite(name: str, *, data: str, headline: Callable[[dict[str, Any]], str]) -> Callable[[SuiteFn], SuiteFn]:
+    """Decorator: register ``fn`` as the suite ``name`` (the function itself is returned unchanged)."""
+
+    def add(fn: SuiteFn) -> SuiteFn:
+        _SUITES.register(name)(Suite(fn, data, headline))
+        return fn
+
+    return add
 
 
 def run_suites(
     model: nn.Module, names: list[str], cfg: Mapping[str, Any], device: torch.device | str
 ) -> dict[str, dict[str, Any]]:
     """Run several suites on one model (unknown names fail before any work): ``{suite name: result}``."""
-    suites = {name: SUITES.get(name) for name in names}
+    suites = {name: _suites().get(name) for name in names}
     return {name: suite(model, cfg, device) for name, suite in suites.items()}
 
 
-__all__ = ["SUITES", "Suite", "run_suites"]
+def _suites() -> Registry[Suite]:
+    """The registry with every module of the package imported (once; a module importing ``SUITES`` while the
+    discovery runs gets the registry as filled so far)."""
+    global _discovered
+    if not _discovered:
+        _discovered = True
+        for info in pkgutil.iter_modules(__path__):
+            importlib.import_module(f"{__name__}.{info.name}")
+    return _SUITES
+
+
+def __getattr__(name: str) -> Any:
+    # ``SUITES`` is computed on first read (PEP 562), so that importing one analysis module stays cheap.
+    if name == "SUITES":
+        return _suites()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+__all__ = ["SUITES", "Suite", "run_suites", "suite"]

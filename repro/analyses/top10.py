@@ -21,8 +21,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from repro.analyses import suite
 from repro.errors import ReproError
-from repro.evaluate.predict import (
+from repro.analyses.predict import (
     ValOptions,
     build_folder_loader,
     options_from_cfg,
@@ -147,6 +148,8 @@ def evaluate_top10(
     }
 
 
+@suite("top10", data="data_root",
+       headline=lambda r: "top-10 accuracy " + ", ".join(f"{k} {v:.1f}" for k, v in r["accuracy"].items()))
 def top10_suite(model: nn.Module, cfg: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
     options = options_from_cfg(Top10Options, cfg, "top10")
     root = require_root(options, "top10")

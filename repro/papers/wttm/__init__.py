@@ -1,0 +1,1 @@
+"""The wttm paper: its specs (specs/*.yaml) and figure definitions (figures.py)."""
