@@ -34,7 +34,7 @@ from repro.optim import OPTIMIZERS, SCHEDULES, effective_lr
 from repro.pipelines import DataBundle, build_pipeline
 from repro.provenance import environment
 from repro.spec import Recipe
-from repro.store import RunStore, atomic_torch_save
+from repro.store import RunStore
 
 
 class RunFailed(Exception):
@@ -487,7 +487,7 @@ class Trainer:
         rng = gather_rng_states(self.par, self.device)  # each rank's own generators, by rank
         if not self.par.is_main:
             return  # every rank holds the same weights; one writer
-        atomic_torch_save(self.store.checkpoint_path(self.run_id), {
+        self.store.save_checkpoint(self.run_id, {
             "epoch": epoch,
             "model": self.student.state_dict(),  # unwrapped: loads at any world size
             "terms": self.distiller.terms.state_dict(),
@@ -545,7 +545,7 @@ class Trainer:
             log.close()
         bar.close()
         if self.par.is_main:
-            atomic_torch_save(self.store.model_path(self.run_id), self.student.state_dict())
+            self.store.save_model(self.run_id, self.student.state_dict())
         last = history[-1]
         return {
             "best_top1": best["top1"], "best_top5": best.get("top5"), "best_epoch": best["epoch"],

@@ -40,7 +40,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from repro.data import ImageTensorDataset, hash_file
+from repro.core.io import sha256_file
+from repro.data import ImageTensorDataset
 from repro.data.loader import (PADDING, apply_views, channel_stats, identity_views, normalize, num_views, view_ids,
                                views_from_ids)
 from repro.errors import ReproError
@@ -56,7 +57,7 @@ def checkpoint_key(path: str | Path, extra: str = "") -> str:
     path = Path(path)
     if not path.is_file():
         raise ReproError(f"teacher checkpoint not found: {path}")
-    return hash_file(path, "sha256")["sha256"] + (f"+{extra}" if extra else "")
+    return sha256_file(path) + (f"+{extra}" if extra else "")
 
 
 def _normalization_json(normalization: Sequence[Any]) -> Any:
