@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from repro.core.io import sha256_file
+from repro.core.io import atomic_write_text, sha256_file
 from repro.data import ImageTensorDataset
 from repro.data.loader import (PADDING, apply_views, channel_stats, identity_views, normalize, num_views, view_ids,
                                views_from_ids)
@@ -171,9 +171,7 @@ class TeacherCache:
         if path.exists():
             return
         tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        sidecar_tmp = sidecar.with_name(f".{sidecar.name}.{tag}")
-        sidecar_tmp.write_text(json.dumps(keys, indent=2, sort_keys=True))
-        os.replace(sidecar_tmp, sidecar)
+        atomic_write_text(sidecar, json.dumps(keys, indent=2, sort_keys=True))
         tmp = path.with_name(f".{path.name}.{tag}")
         with open(tmp, "wb") as handle:
             handle.truncate(cls._file_size(keys))  # sparse: zero flags mean "not filled"

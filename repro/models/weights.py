@@ -65,9 +65,11 @@ def fit_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str, *
                 state[key] = value
     modules = {key.split(".", 1)[0] for key in own}
     shapes = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    heads = [] if strict else [k for k in state if _is_classifier(k) and (k in shapes or k not in own)]
-    unexpected = [k for k in state if k not in own and k not in heads
-                  and (strict or k.split(".", 1)[0] in modules)]
+    heads = [] if strict else [k for k in shapes if _is_classifier(k)]  # another class count: left as built
+    # Not strict: a classifier the model does not have (DINO's projection head) and other networks saved in the
+    # same file (top-level names the model does not have) are not this network's weights.
+    unexpected = [k for k in state if k not in own and (strict or not (_is_classifier(k)
+                                                                        or k.split(".", 1)[0] not in modules))]
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")
                and (strict or not _is_classifier(k))]
     problems = [f"{len(items)} {label} (e.g. {', '.join(items[:3])})" for label, items in (
@@ -76,8 +78,9 @@ def fit_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str, *
                               for k in shapes if k not in heads])) if items]
     if problems:
         raise ReproError(f"{source} does not fit {what}: " + "; ".join(problems))
-    model.load_state_dict({k: v for k, v in state.items() if k in own and k not in heads}, strict=strict)
-    if not strict and (heads or any(_is_classifier(k) and k not in state for k in own)):
+    loaded = {k: v for k, v in state.items() if k in own and k not in heads}
+    model.load_state_dict(loaded, strict=strict)
+    if any(_is_classifier(k) and k not in loaded for k in own):
         warnings.warn(f"{source}: classifier left at its initialisation (absent or of another class count)",
                       stacklevel=3)
 
