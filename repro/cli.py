@@ -346,7 +346,7 @@ def cmd_teachers(args: argparse.Namespace) -> int:
         args.output = "wttm-teachers"
         return cmd_table(args)
     if args.action == "cache":
-        from repro.teacher_outputs import cache_teachers
+        from repro.runner import cache_teachers
 
         for run_id, computed in cache_teachers(_plan(args.spec, args), _store(args), _device(args)):
             print(f"teacher {run_id}: {computed} views computed")

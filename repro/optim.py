@@ -16,7 +16,7 @@ from timm.scheduler.scheduler import Scheduler
 
 from repro.errors import ReproError
 from repro.registry import Registry
-from repro.spec import OptimizerConfig, ScheduleConfig
+from repro.train_config import OptimizerConfig, ScheduleConfig
 
 OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
 SCHEDULES: Registry[Callable[..., Scheduler]] = Registry("lr schedule")

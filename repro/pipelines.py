@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Protocol
 
 import torch
 from torch import Tensor
@@ -16,7 +16,9 @@ from torch import Tensor
 from repro.errors import ReproError
 from repro.methods.base import Batch
 from repro.registry import Registry
-from repro.spec import Recipe
+
+if TYPE_CHECKING:  # the recipe is the trainer's run config (a type only: the data layer imports nothing above it)
+    from repro.train_config import TrainRecipe as Recipe
 
 
 class EpochLoader(Protocol):
@@ -39,8 +41,10 @@ class DataBundle:
     views: bool = False  # whether batches carry discrete augmentation views (teacher-output cache lookups)
 
 
-PipelineFactory = Callable[[Recipe, int, torch.device], DataBundle]
-PIPELINES: Registry[PipelineFactory] = Registry("data pipeline")
+PipelineFactory = Callable[["Recipe", int, torch.device], DataBundle]
+# Pipelines register with the decorator where they are defined: here, and in the modules of repro.data (imported
+# before the first lookup).
+PIPELINES: Registry[PipelineFactory] = Registry("data pipeline", package="repro.data")
 # The dataset names (``data.name``) a pipeline reads, for the load-time check; pipelines not listed read any
 # registered in-memory dataset (``repro.data.DATASETS``).
 PIPELINE_DATASETS: dict[str, Callable[[], list[str]]] = {}
@@ -55,6 +59,7 @@ FOLDER_ARGS = ("image_size", "workers")  # read by the folder pipelines themselv
 
 def pipeline_arg_names(name: str, args: dict[str, Any]) -> Optional[list[str]]:
     """The ``pipeline_args`` keys pipeline ``name`` takes, or None when it does not declare them."""
+    PIPELINES.discover()  # the modules that register a pipeline declare its arguments
     accepted = PIPELINE_ARGS.get(name)
     return None if accepted is None else sorted(accepted(args))
 
@@ -63,6 +68,7 @@ def pipeline_datasets(name: str) -> list[str]:
     """The ``data.name`` values pipeline ``name`` accepts."""
     from repro.data import dataset_names
 
+    PIPELINES.discover()
     return list(PIPELINE_DATASETS.get(name, dataset_names)())
 
 
@@ -115,14 +121,13 @@ def cifar_crop_flip(recipe: Recipe, seed: int, device: torch.device) -> DataBund
 
 
 def _register_folder_pipelines() -> None:
-    """ImageNet-style folder pipelines (torchdistill's standard recipe, DeiT's recipe) live in repro.data."""
-    try:
-        from repro.data.pipelines_folder import FOLDER_RECIPE_OPTIONS, build_folder_pipeline
-    except ModuleNotFoundError:
-        return
+    """ImageNet-style folder pipelines (torchdistill's standard recipe, DeiT's recipe) live in repro.data, imported
+    when one is built or checked (timm and torchvision load slowly)."""
 
     def make(name: str) -> PipelineFactory:
         def build(recipe: Recipe, seed: int, device: torch.device) -> DataBundle:
+            from repro.data.pipelines_folder import build_folder_pipeline
+
             root = data_root(recipe)
             if recipe.data.synthetic is not None:
                 from repro.data.imagefolder import write_synthetic_imagefolder
@@ -145,18 +150,19 @@ def _register_folder_pipelines() -> None:
         return build
 
     for name in ("imagenet_standard", "deit"):
-        if name not in PIPELINES:
-            PIPELINES.register(name)(make(name))
-            PIPELINE_DATASETS[name] = lambda: list(FOLDER_DATASETS)
-            PIPELINE_ARGS[name] = lambda args, name=name: [*FOLDER_ARGS, *FOLDER_RECIPE_OPTIONS[name]]
+        PIPELINES.register(name)(make(name))
+        PIPELINE_DATASETS[name] = lambda: list(FOLDER_DATASETS)
+        PIPELINE_ARGS[name] = lambda args, name=name: [*FOLDER_ARGS, *_folder_options(name)]
 
 
-def register_pipelines() -> None:
-    """Register every pipeline (the folder and transfer ones live in repro.data and register on import)."""
-    _register_folder_pipelines()
-    import repro.data.pipelines_transfer  # noqa: F401  (registers `cifar_transfer`: CIFAR upsampled for fine-tuning)
+def _folder_options(name: str) -> list[str]:
+    from repro.data.pipelines_folder import FOLDER_RECIPE_OPTIONS
+
+    return list(FOLDER_RECIPE_OPTIONS[name])
+
+
+_register_folder_pipelines()  # registered with this module, like cifar_crop_flip above
 
 
 def build_pipeline(recipe: Recipe, seed: int, device: torch.device) -> DataBundle:
-    register_pipelines()
     return PIPELINES.get(recipe.pipeline)(recipe, seed, device)

@@ -12,8 +12,9 @@ from typing import Any, Optional, Sequence
 
 from repro.core.io import sha256_file
 from repro.errors import ReproError
-from repro.spec import Cell, LossSpec, MethodDef, Recipe, Spec, deep_merge
+from repro.spec import Cell, MethodDef, Recipe, Spec, deep_merge, resolve_losses
 from repro.store import run_id_of
+from repro.train_config import TrainRecipe
 
 CHECKPOINT_NAME = "{arch}_vanilla/ckpt_epoch_240.pth"  # RepDistiller / mdistiller teacher bundle layout
 WEIGHT_ARGS = ("pretrained", "checkpoint", "checkpoint_key")  # model arguments that load weights, not shape them
@@ -149,12 +150,7 @@ class Planner:
         return run_id
 
     def _recipe_for_arch(self, arch: str) -> dict[str, Any]:
-        recipe = self.recipe.model_dump()
-        if arch in self.recipe.lr_by_arch:
-            recipe["optimizer"]["lr"] = self.recipe.lr_by_arch[arch]
-        recipe.pop("lr_by_arch")
-        recipe.pop("teachers")  # how teachers are obtained is part of the teacher reference, not the recipe
-        return recipe
+        return self.recipe.for_training(arch).model_dump()  # the run config's recipe: what the trainer reads
 
     def _model(self, key: str) -> dict[str, Any]:
         mdef = self.spec.model_def(key)
@@ -187,7 +183,7 @@ class Planner:
         from repro.spec import format_validation_error
 
         try:
-            Recipe.model_validate({**recipe, "lr_by_arch": {}})
+            TrainRecipe.model_validate(recipe)
         except ValidationError as err:
             raise ReproError(f"spec {self.spec.id} [tier {self.tier}]: {what}: {format_validation_error(err)}") from None
 
@@ -245,18 +241,6 @@ class Planner:
             if cell.teacher == key and self.spec.methods[cell.method].role == "teacher":
                 return cell.reported.mean
         return None
-
-
-def resolve_losses(method: MethodDef, cell: Optional[Cell],
-                   tier_params: Optional[dict[str, dict[str, Any]]] = None) -> dict[str, dict[str, Any]]:
-    """Merge the method's loss terms with the cell's per-term parameters, then the tier's (``Spec.tier_params``),
-    into plain dicts."""
-    losses: dict[str, dict[str, Any]] = {}
-    for name, term in method.losses.items():
-        base = {"weight": float(term)} if isinstance(term, (int, float)) else LossSpec.model_validate(term).model_dump()
-        override = cell.params.get(name, {}) if cell else {}
-        losses[name] = deep_merge(deep_merge(base, override), (tier_params or {}).get(name, {}))
-    return losses
 
 
 def make_plan(spec: Spec, tier: str, seeds: Optional[int] = None, teacher_gate: bool = True,

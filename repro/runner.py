@@ -29,6 +29,7 @@ from repro.models.weights import load_repdistiller, load_run_weights
 from repro.plan import Plan, PlannedRun
 from repro.store import RunStore
 from repro.train import Resolved, RunFailed, evaluate_model, stamp, train_run
+from repro.train_config import TrainRecipe
 
 
 @dataclass
@@ -291,3 +292,38 @@ def _claim_one(run: PlannedRun, store: RunStore, retry_failed: bool) -> tuple[st
         return status, None
     store.clear_result(run.run_id)
     return "train", lock
+
+
+# -- `repro teachers cache`: the teacher-output cache of every finished teacher of a plan -------------------
+def teacher_runs(plan: Plan) -> list[str]:
+    """Runs that some student of the plan uses as its teacher, in plan order."""
+    wanted = {r.config["teacher"]["run"] for r in plan.ordered() if r.config.get("teacher")}
+    return [rid for rid in plan.runs if rid in wanted]
+
+
+def cache_teachers(plan: Plan, store: RunStore, device: torch.device) -> list[tuple[str, int]]:
+    """Fill the cache of every finished teacher of the plan; returns (run id, entries computed)."""
+    from repro.data.teacher_cache import fill_cache
+    from repro.pipelines import build_pipeline
+    from repro.teacher_outputs import open_teacher_cache
+
+    done = []
+    for run_id in teacher_runs(plan):
+        if not store.is_done(run_id):
+            raise ReproError(f"teacher run {run_id} ({plan.runs[run_id].label}) has not finished: "
+                             f"run `repro run {plan.spec.id} --tier {plan.tier}` first")
+        model, weights_key = load_run_model(store, run_id, device)
+        students = [r for r in plan.ordered() if (r.config.get("teacher") or {}).get("run") == run_id]
+        recipe = TrainRecipe.model_validate(students[0].config["recipe"])
+        data = build_pipeline(recipe, 0, device)
+        if data.dataset is None:
+            raise ReproError(f"pipeline {recipe.pipeline!r} has no discrete views: its teacher outputs cannot be cached")
+        cache = open_teacher_cache(store.root, weights_key, recipe, data.dataset,
+                                   students[0].config["model"]["num_classes"])
+        bar = tqdm(total=len(data.dataset) * 162, desc=f"cache {run_id[:8]}", unit="view", mininterval=1.0)
+        computed = fill_cache(cache, model, data.dataset, recipe.normalization.mean, recipe.normalization.std, device,
+                              progress=lambda n, total: bar.update(n - bar.n))
+        bar.close()
+        cache.close()
+        done.append((run_id, computed))
+    return done

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, PrivateAttr, ValidationError,
-                      field_validator, model_validator)
+from pydantic import (ConfigDict, PositiveFloat, PositiveInt, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
 
 from repro.errors import ReproError
+from repro.train_config import Strict, TrainRecipe
 
 if TYPE_CHECKING:
     from repro.overrides import Override
@@ -24,10 +25,6 @@ TIERS = ("smoke", "proxy", "full")
 Tier = Literal["smoke", "proxy", "full"]
 SourceKind = Literal["paper", "appendix", "readme", "code", "other-paper", "assumption"]
 REPORTED_METRICS = ("top1", "top5")  # what a cell's reported number may measure (a result field per protocol)
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class Provenance(Strict):
@@ -61,46 +58,6 @@ class Reported(Strict):
         return value
 
 
-class DataConfig(Strict):
-    name: str  # a reader registered in repro.data.DATASETS (or a folder pipeline's dataset)
-    root: Optional[str] = None  # default: $REPRO_DATA or ./data
-    download: bool = True
-    synthetic: Optional[dict[str, Any]] = None  # generator args: smoke data written in the real file layout
-    train_subset: Optional[PositiveInt] = None  # first N training images (smoke only)
-    test_subset: Optional[PositiveInt] = None
-
-
-class Normalization(Strict):
-    mean: list[float]
-    std: list[PositiveFloat]
-
-
-class OptimizerConfig(Strict):
-    name: str = "sgd"
-    lr: PositiveFloat
-    momentum: float = Field(0.9, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    nesterov: bool = False
-    eps: PositiveFloat = 1e-8
-    lr_scale_base_batch: Optional[PositiveInt] = None  # DeiT: lr * global_batch / 512
-
-
-class ScheduleConfig(Strict):
-    name: str = "multistep"
-    milestones: list[PositiveInt] = []  # epochs after which lr *= gamma (epochs counted from 1)
-    gamma: PositiveFloat = 0.1
-    warmup_epochs: int = Field(0, ge=0)
-    warmup_lr: float = Field(1e-6, ge=0)
-    min_lr: float = Field(0.0, ge=0)
-
-    def problem_within(self, epochs: int) -> Optional[str]:
-        """Why this schedule does not fit in ``epochs`` epochs (None when it does)."""
-        # (Milestones past the end are harmless no-ops, e.g. a short pretraining recipe under a tier's schedule.)
-        if self.warmup_epochs > epochs:
-            return f"schedule.warmup_epochs = {self.warmup_epochs}: must be at most the {epochs} epochs"
-        return None
-
-
 class TeacherSource(Strict):
     """Where teachers come from: a CE training run in the same plan (``train``), RepDistiller-format checkpoint
     files with a sha256 lock (``checkpoint``), or the model family's pretrained weights (``pretrained``:
@@ -113,47 +70,19 @@ class TeacherSource(Strict):
     epochs: Optional[PositiveInt] = None  # trained teachers: epochs if not the recipe's (smoke tier)
 
 
-class Recipe(Strict):
-    data: DataConfig
-    pipeline: str = "cifar_crop_flip"  # a registered data pipeline (augmentation + batching)
-    pipeline_args: dict[str, Any] = {}
-    normalization: Normalization
-    epochs: PositiveInt
-    batch_size: PositiveInt  # GLOBAL batch: fixed by the paper, independent of the device count
-    eval_batch_size: PositiveInt = 256
-    optimizer: OptimizerConfig
-    schedule: ScheduleConfig = ScheduleConfig()
+class Recipe(TrainRecipe):
+    """A spec's recipe: the run's own (``repro.train_config.TrainRecipe``) plus what only the planner reads."""
+
     lr_by_arch: dict[str, PositiveFloat] = {}  # e.g. the official code forces lr 0.01 for MobileNetV2/ShuffleNets
-    model_args: dict[str, Any] = {}  # extra create_model kwargs (drop_path_rate, img_size, ...)
-    metric: Literal["best", "last"] = "best"
     teachers: TeacherSource = TeacherSource()
-    # Fast path and numerics: recorded in every run and stamped on the tables when they deviate from the paper.
-    precision: Literal["fp32", "bf16"] = "fp32"
-    channels_last: bool = False
-    flush_denormal: bool = True
-    compile: bool = False
-    teacher_cache: bool = False
-    teacher_cache_dtype: Literal["float16", "float32"] = "float16"  # float16: ~1.6 GB for CIFAR-100's 162 views
-    # strict: a kernel without a deterministic implementation is an error; warn: it runs and is recorded as a
-    # deviation; off: any algorithm (cuDNN autotuning). ``true`` (the earlier spelling) means warn.
-    deterministic: Literal["strict", "warn", "off"] = "warn"
-    # TF32 matmuls/convolutions on Ampere+ GPUs; off = true fp32, what the papers' pre-Ampere GPUs computed.
-    tf32: bool = False
-    clip_grad_norm: Optional[PositiveFloat] = None
 
-    @field_validator("deterministic", mode="before")
-    @classmethod
-    def _legacy_determinism(cls, value: Any) -> Any:
-        from repro.numerics import LEGACY_DETERMINISM
-
-        return LEGACY_DETERMINISM.get(value, value) if isinstance(value, bool) else value
-
-    @model_validator(mode="after")
-    def _schedule_fits(self) -> "Recipe":
-        problem = self.schedule.problem_within(self.epochs)
-        if problem:
-            raise ValueError(problem)
-        return self
+    def for_training(self, arch: str) -> TrainRecipe:
+        """The recipe a run of ``arch`` trains with: ``lr_by_arch`` applied, the planner-only fields dropped (how
+        teachers are obtained is part of the teacher reference, not of the recipe)."""
+        fields = self.model_dump(include=set(TrainRecipe.model_fields))
+        if arch in self.lr_by_arch:
+            fields["optimizer"]["lr"] = self.lr_by_arch[arch]
+        return TrainRecipe.model_validate(fields)
 
 
 class LossSpec(Strict):
@@ -320,6 +249,18 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def resolve_losses(method: MethodDef, cell: Optional[Cell],
+                   tier_params: Optional[dict[str, dict[str, Any]]] = None) -> dict[str, dict[str, Any]]:
+    """Merge the method's loss terms with the cell's per-term parameters, then the tier's (``Spec.tier_params``),
+    into plain dicts."""
+    losses: dict[str, dict[str, Any]] = {}
+    for name, term in method.losses.items():
+        base = {"weight": float(term)} if isinstance(term, (int, float)) else LossSpec.model_validate(term).model_dump()
+        override = cell.params.get(name, {}) if cell else {}
+        losses[name] = deep_merge(deep_merge(base, override), (tier_params or {}).get(name, {}))
+    return losses
 
 
 def format_validation_error(err: ValidationError) -> str:
@@ -495,9 +436,8 @@ def _recipes_to_check(spec: Spec) -> list[tuple[str, Recipe]]:
 def check_recipe_names(spec: Spec) -> None:
     """Every name a recipe gives (pipeline, optimizer, schedule, dataset) is registered, at every tier."""
     from repro.optim import OPTIMIZERS, SCHEDULES
-    from repro.pipelines import PIPELINES, pipeline_arg_names, pipeline_datasets, register_pipelines
+    from repro.pipelines import PIPELINES, pipeline_arg_names, pipeline_datasets
 
-    register_pipelines()
     for where, recipe in _recipes_to_check(spec):
         for field, name, registry in (("pipeline", recipe.pipeline, PIPELINES),
                                       ("optimizer.name", recipe.optimizer.name, OPTIMIZERS),
@@ -521,7 +461,6 @@ def check_loss_terms(spec: Spec) -> None:
     default) lies in the domain the term declares (``LossTerm.domains``), at every tier; the first problem is
     named."""
     from repro.methods import get_term
-    from repro.plan import resolve_losses
 
     # Epoch parameters (warm-ups, early stops) are the paper's: checked against the spec's own (full-tier)
     # schedule, which the smoke and proxy tiers shorten.

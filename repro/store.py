@@ -22,7 +22,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from repro.core.io import atomic_torch_save, atomic_write_bytes, atomic_write_json
+from repro.core.io import atomic_write_bytes, atomic_write_json
 from repro.errors import ReproError
 from repro.locks import RunLock
 
@@ -136,16 +136,6 @@ class RunStore:
 
     def model_path(self, run_id: str) -> Path:
         return self.run_dir(run_id) / "model.pt"
-
-    def save_checkpoint(self, run_id: str, state: dict[str, Any]) -> None:
-        """The last epoch's full training state (``checkpoint.pt``)."""
-        _check_writer()
-        atomic_torch_save(self.checkpoint_path(run_id), state)
-
-    def save_model(self, run_id: str, state_dict: dict[str, Any]) -> None:
-        """The final weights (``model.pt``), a bare state dict (``repro.models.weights.load_run_weights``)."""
-        _check_writer()
-        atomic_torch_save(self.model_path(run_id), state_dict)
 
     def lock_path(self, run_id: str) -> Path:
         return self.run_dir(run_id) / ".lock"

@@ -15,7 +15,8 @@ import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from tqdm import tqdm
 
 from repro import distributed, numerics
 from repro.distributed import ScaleOptions, all_reduce_sum
+from repro.core.io import atomic_torch_save
 from repro.errors import ReproError
 from repro.loggers import EpochLog
 from repro.methods import Distiller, TermContext, get_term
@@ -33,8 +35,19 @@ from repro.models import create_model
 from repro.optim import OPTIMIZERS, SCHEDULES, effective_lr
 from repro.pipelines import DataBundle, build_pipeline
 from repro.provenance import environment
-from repro.spec import Recipe
-from repro.store import RunStore
+from repro.train_config import TrainRecipe
+
+
+class RunFiles(Protocol):
+    """Where one run's files live: what the trainer needs of the run store (``repro.store.RunStore``), which the
+    harness owns; the trainer only writes the files of the run it was given."""
+
+    root: Path  # the store's root (its ``.cache`` holds the teacher-output and analysis caches)
+
+    def run_dir(self, run_id: str) -> Path: ...
+    def checkpoint_path(self, run_id: str) -> Path: ...
+    def model_path(self, run_id: str) -> Path: ...
+    def write_metrics(self, run_id: str, history: list[dict[str, Any]]) -> None: ...
 
 
 class RunFailed(Exception):
@@ -83,7 +96,7 @@ def student_feature_modules(student: nn.Module) -> list[nn.Module]:
 
 
 # -- numerics and determinism --------------------------------------------------------------------------------
-def configure_numerics(recipe: Recipe, device: torch.device, seed: int) -> list[str]:
+def configure_numerics(recipe: TrainRecipe, device: torch.device, seed: int) -> list[str]:
     """Seed everything and set every numeric switch from the recipe (none inherited from an earlier run in this
     process); returns the deviations to record."""
     random.seed(seed)
@@ -98,7 +111,7 @@ def configure_numerics(recipe: Recipe, device: torch.device, seed: int) -> list[
     return notes
 
 
-def set_backend_flags(recipe: Recipe, device: torch.device) -> list[str]:
+def set_backend_flags(recipe: TrainRecipe, device: torch.device) -> list[str]:
     """Determinism, TF32 and denormal flushing as the recipe asks, every one set explicitly."""
     notes = numerics.apply_determinism(recipe.deterministic, device)
     notes += numerics.apply_tf32(recipe.tf32, device)
@@ -243,7 +256,7 @@ def mean_entropy(logits: torch.Tensor) -> float:
 class Trainer:
     init: Optional[InitRun] = None  # set by _build_init_stage when a term declares an initialisation stage
 
-    def __init__(self, config: dict[str, Any], store: RunStore, run_id: str, device: torch.device,
+    def __init__(self, config: dict[str, Any], store: RunFiles, run_id: str, device: torch.device,
                  resolved: Resolved, progress: bool = True, options: Optional[ScaleOptions] = None) -> None:
         self.config = config
         self.store = store
@@ -253,7 +266,7 @@ class Trainer:
         self.options = options or ScaleOptions()
         self.par = distributed.current()
         self.progress = progress and self.par.is_main
-        self.recipe = Recipe.model_validate(_recipe_with_defaults(config["recipe"]))
+        self.recipe = TrainRecipe.model_validate(config["recipe"])
         self.seed = int(config["seed"])
         self.kernels: list[str] = []  # non-deterministic kernels that ran (train_run records them)
         self.mapping = distributed.map_batch(self.recipe.batch_size, self.par.world_size, self.options)
@@ -487,7 +500,7 @@ class Trainer:
         rng = gather_rng_states(self.par, self.device)  # each rank's own generators, by rank
         if not self.par.is_main:
             return  # every rank holds the same weights; one writer
-        self.store.save_checkpoint(self.run_id, {
+        atomic_torch_save(self.store.checkpoint_path(self.run_id), {
             "epoch": epoch,
             "model": self.student.state_dict(),  # unwrapped: loads at any world size
             "terms": self.distiller.terms.state_dict(),
@@ -545,7 +558,7 @@ class Trainer:
             log.close()
         bar.close()
         if self.par.is_main:
-            self.store.save_model(self.run_id, self.student.state_dict())
+            atomic_torch_save(self.store.model_path(self.run_id), self.student.state_dict())
         last = history[-1]
         return {
             "best_top1": best["top1"], "best_top5": best.get("top5"), "best_epoch": best["epoch"],
@@ -723,12 +736,7 @@ def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[int
     return len(matching), [k for k in own if k not in matching]
 
 
-def _recipe_with_defaults(recipe: dict[str, Any]) -> dict[str, Any]:
-    # Run configs drop the planner-only keys; put neutral defaults back so the Recipe model validates.
-    return {**recipe, "lr_by_arch": {}}
-
-
-def train_run(config: dict[str, Any], store: RunStore, run_id: str, device: torch.device, resolved: Resolved,
+def train_run(config: dict[str, Any], store: RunFiles, run_id: str, device: torch.device, resolved: Resolved,
               progress: bool = True, options: Optional[ScaleOptions] = None) -> dict[str, Any]:
     """Train (or resume) one run and return its result fields (without the environment stamp).
 
@@ -748,7 +756,7 @@ def train_run(config: dict[str, Any], store: RunStore, run_id: str, device: torc
 def evaluate_model(model: nn.Module, recipe_dict: dict[str, Any], device: torch.device) -> dict[str, float]:
     """Top-1/top-5 of a model on the recipe's test split (the teacher-accuracy gate uses it); split across the
     ranks of a process group when the test loader can be."""
-    recipe = Recipe.model_validate(_recipe_with_defaults(recipe_dict))
+    recipe = TrainRecipe.model_validate(recipe_dict)
     set_backend_flags(recipe, device)  # the teacher runs under the recipe's TF32/determinism, as stamped
     data = build_pipeline(recipe, 0, device)
     loader, sharded = shard_for_evaluation(data.test)

@@ -38,22 +38,24 @@ def test_yaml_syntax_error(tmp_path, capsys, workdirs):
     assert code == 2 and "YAML syntax error" in err
 
 
-def test_unknown_key_is_named(tmp_path, capsys, workdirs):
-    spec = write(tmp_path, tiny_with("seeds: 2", "seeds: 2\nseedz: 3"))
-    code, err = run_cli(["plan", spec, "--no-estimate"], capsys)
-    assert code == 2 and "unknown key 'seedz'" in err
+# Each spec mistake the loader must name: (the line to change, its replacement, --tier args, words the message names).
+SPEC_MISTAKES = {
+    "unknown key": ("seeds: 2", "seeds: 2\nseedz: 3", [], ["unknown key 'seedz'"]),
+    "unknown key in a tier override": ("    epochs: 3\n", "    epochs: 3\n    epoch: 4\n", ["--tier", "smoke"],
+                                       ["unknown key 'epoch'", "smoke"]),
+    "unknown model": ("student: resnet8, method: KD", "student: resnet999, method: KD", [],
+                      ["unknown model 'resnet999'"]),
+    "negative lr": ("    batch_size: 8\n", "    batch_size: 8\n    optimizer: {lr: -0.1}\n", ["--tier", "smoke"],
+                    ["optimizer.lr", "greater than 0"]),
+    "unknown method in a cell": ("method: FitNet", "method: FitNett", [], ["FitNett"]),
+}
 
 
-def test_unknown_key_in_tier_override_is_named(tmp_path, capsys, workdirs):
-    spec = write(tmp_path, tiny_with("    epochs: 3\n", "    epochs: 3\n    epoch: 4\n"))
-    code, err = run_cli(["plan", spec, "--tier", "smoke", "--no-estimate"], capsys)
-    assert code == 2 and "unknown key 'epoch'" in err and "smoke" in err
-
-
-def test_unknown_model_is_named(tmp_path, capsys, workdirs):
-    spec = write(tmp_path, tiny_with("student: resnet8, method: KD", "student: resnet999, method: KD"))
-    code, err = run_cli(["plan", spec, "--no-estimate"], capsys)
-    assert code == 2 and "unknown model 'resnet999'" in err
+@pytest.mark.parametrize("mistake", SPEC_MISTAKES)
+def test_spec_mistake_is_named(mistake, tmp_path, capsys, workdirs):
+    old, new, tier, words = SPEC_MISTAKES[mistake]
+    code, err = run_cli(["plan", write(tmp_path, tiny_with(old, new)), *tier, "--no-estimate"], capsys)
+    assert code == 2 and all(word in err for word in words), err
 
 
 def test_missing_spec_path(capsys, workdirs):
@@ -64,18 +66,6 @@ def test_missing_spec_path(capsys, workdirs):
 def test_unknown_spec_id_lists_known_ids(capsys, workdirs):
     code, err = run_cli(["plan", "wttm/no-such-table", "--no-estimate"], capsys)
     assert code == 2 and "wttm/cifar100-table1" in err
-
-
-def test_negative_lr(tmp_path, capsys, workdirs):
-    spec = write(tmp_path, tiny_with("    batch_size: 8\n", "    batch_size: 8\n    optimizer: {lr: -0.1}\n"))
-    code, err = run_cli(["plan", spec, "--tier", "smoke", "--no-estimate"], capsys)
-    assert code == 2 and "optimizer.lr" in err and "greater than 0" in err
-
-
-def test_unknown_method_in_cell(tmp_path, capsys, workdirs):
-    spec = write(tmp_path, tiny_with("method: FitNet", "method: FitNett"))
-    code, err = run_cli(["plan", spec, "--no-estimate"], capsys)
-    assert code == 2 and "FitNett" in err
 
 
 def test_missing_dataset_names_folder_and_smoke_tier(capsys, workdirs):

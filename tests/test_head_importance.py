@@ -18,18 +18,9 @@ from repro.ssta.head_importance import (
     select_heads,
     select_heads_cached,
 )
+from tests.support import silence_heads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _silence_heads(model, keep: dict[int, int]) -> None:
-    """Zero the output-projection columns of every head except ``keep[layer]`` (layers not in keep: all)."""
-    with torch.no_grad():
-        for layer, block in enumerate(model.vit.blocks):
-            attn = block.attn
-            for head in range(attn.num_heads):
-                if keep.get(layer, -1) != head:
-                    attn.proj.weight[:, head * attn.head_dim:(head + 1) * attn.head_dim] = 0
 
 
 def _batches(count=2, size=4, classes=5, seed=0):
@@ -45,7 +36,7 @@ def model():
 
 
 def test_decisive_last_layer_head_is_picked(model):
-    _silence_heads(model, {0: 0, 1: 1, 2: 2, 3: 1})  # last layer: only head 1 reaches the output
+    silence_heads(model, {0: 0, 1: 1, 2: 2, 3: 1})  # last layer: only head 1 reaches the output
     model.train()
     flags = [p.requires_grad for p in model.parameters()]
     selection = select_heads(model, "importance", _batches(), loss="ce")
@@ -57,7 +48,7 @@ def test_decisive_last_layer_head_is_picked(model):
 
 
 def test_global_and_per_layer_scopes(model):
-    _silence_heads(model, {1: 2})  # one head in the whole network carries signal
+    silence_heads(model, {1: 2})  # one head in the whole network carries signal
     scores = gradient_head_importance(model, _batches(), lambda m, x, y: nn.functional.cross_entropy(m(x), y))
     assert scores.shape == (4, 3)
     assert pick_heads(scores, "global") == [(1, 2)]
@@ -68,7 +59,7 @@ def test_global_and_per_layer_scopes(model):
 def test_label_free_and_probe_losses_find_the_decisive_head():
     torch.manual_seed(1)
     ssl_model = create_model("vit_smoke_tiny", num_classes=0)  # an SSL TA: no classifier
-    _silence_heads(ssl_model, {0: 0, 1: 0, 2: 0, 3: 2})
+    silence_heads(ssl_model, {0: 0, 1: 0, 2: 0, 3: 2})
     unlabeled = [images for images, _ in _batches()]
     assert select_heads(ssl_model, "importance", unlabeled, loss="feature").pairs == [(3, 2)]
     probe = nn.Linear(96, 5)
@@ -80,7 +71,7 @@ def test_label_free_and_probe_losses_find_the_decisive_head():
 
 
 def test_batches_of_batch_objects_and_image_limit(model):
-    _silence_heads(model, {3: 0})
+    silence_heads(model, {3: 0})
     batches = [Batch(images=x, targets=y, labels=y, indices=torch.arange(4), epoch=1) for x, y in _batches(3)]
     assert select_heads(model, "importance", batches, max_images=5).pairs == [(3, 0)]
     with pytest.raises(ReproError, match="no images"):
@@ -132,7 +123,7 @@ def test_fixed_all_random_rules(model):
 
 
 def test_selection_cache(tmp_path, model):
-    _silence_heads(model, {3: 2})
+    silence_heads(model, {3: 2})
     first = select_heads_cached(tmp_path, model, "importance", _batches(), loss="ce", max_images=8)
     files = list(tmp_path.glob("heads-importance-*.json"))
     assert first.pairs == [(3, 2)] and len(files) == 1
@@ -212,7 +203,7 @@ def test_importance_batch_is_in_the_cache_key_and_the_stored_config(tmp_path, mo
     default = selection_cache_path(tmp_path, key, "importance", loss="ce")
     assert default == selection_cache_path(tmp_path, key, "importance", loss="ce", importance_batch=1)
     assert default != selection_cache_path(tmp_path, key, "importance", loss="ce", importance_batch=8)
-    _silence_heads(model, {3: 2})
+    silence_heads(model, {3: 2})
     select_heads_cached(tmp_path, model, "importance", _batches(), loss="ce", importance_batch=2)
     (stored,) = [json.loads(p.read_text()) for p in tmp_path.glob("heads-importance-*.json")]
     assert stored["config"]["importance_batch"] == 2 and stored["selection"]["config"]["importance_batch"] == 2

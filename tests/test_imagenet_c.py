@@ -11,7 +11,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 from PIL import Image
 
 from repro.data.imagenet_c_synthetic import corrupt_image, write_synthetic_imagenet_c
@@ -25,6 +24,7 @@ from repro.evaluate.imagenet_c import (
     mce_from_errors,
 )
 from repro.render.analysis_plots import plot_imagenet_c
+from tests.support import ConstantLogits
 
 # Typed from ssta.md section 4 / the brief, by name, independently of the data file.
 ALEXNET = {
@@ -34,17 +34,6 @@ ALEXNET = {
     "pixelate": 0.717840, "jpeg_compression": 0.606500,
 }  # fmt: skip
 SMOKE = ("gaussian_noise", "contrast")
-
-
-class ConstantLogits(nn.Module):
-    """Always predicts ``winner`` out of ``num_classes``."""
-
-    def __init__(self, num_classes: int, winner: int) -> None:
-        super().__init__()
-        self.register_buffer("logits", torch.nn.functional.one_hot(torch.tensor(winner), num_classes).float())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logits.expand(x.shape[0], -1)
 
 
 def grid(errors_by_corruption: dict[str, list[float]]) -> dict[tuple[str, int], float]:

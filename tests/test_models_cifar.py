@@ -353,13 +353,7 @@ def test_outputs_match_repdistiller_golden_values(name: str) -> None:
     close(feature_stats(pre_feats), torch.tensor(want_pre))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors on shared CI cores: intra-op threads only add contention. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors on shared CI cores
 
 
 @functools.lru_cache(maxsize=None)

@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from repro.models import create_model
 from repro.optim import OPTIMIZERS
-from repro.spec import OptimizerConfig
+from repro.train_config import OptimizerConfig
 
 
 def _decay_by_name(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:

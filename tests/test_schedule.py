@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from repro.optim import SCHEDULES
-from repro.spec import ScheduleConfig
+from repro.train_config import ScheduleConfig
 
 
 def official_lr(epoch: int, base: float = 0.05, milestones=(150, 180, 210), rate: float = 0.1) -> float:

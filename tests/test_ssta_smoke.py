@@ -26,6 +26,7 @@ from repro.spec import load_spec
 from repro.ssta.attention import AttentionCapture, attention_kl
 from repro.ssta.head_importance import last_blocks_features
 from repro.store import RunStore
+from tests.support import silence_heads, tiny_ssta_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,23 +38,12 @@ def offline(monkeypatch):
 
 # ------------------------------------------------------------------------------------------- end to end
 
-TINY_SPEC = {
-    "base": "ssta/_imagenet",
-    "id": "test/ssta-tiny",
-    "paper": "ssta",
-    "title": "tiny SSTA end to end",
-    "table": "test",
-    "output": "test-ssta",
-    "tiers": {"smoke": {
-        "data": {"root": "smoke/test-ssta-c4-n4-s32",
-                 "synthetic": {"classes": 4, "per_class": 4, "val_per_class": 2, "size": 32, "seed": 0}},
-        "epochs": 1, "batch_size": 8, "teachers": {"epochs": 1}}},
-    "methods": {"SSTA": {"losses": {"ce": 1.0, "ssta_attn": {"weight": 1.0, "stop_epoch": 100, "stop_epoch_of": 300,
-                                                             "head_batches": 2}}}},
-    "cells": [{"teacher": "deit_base_patch16_224", "student": "deit_tiny_patch16_224",
-               "assistant": "vit_small_patch16_224.dino", "method": "SSTA",
-               "reported": {"status": "not_transcribed"}}],
-}
+TINY_SPEC = tiny_ssta_spec(
+    "test/ssta-tiny", "tiny SSTA end to end", "test-ssta",
+    methods={"SSTA": {"losses": {"ce": 1.0, "ssta_attn": {"weight": 1.0, "stop_epoch": 100, "stop_epoch_of": 300,
+                                                          "head_batches": 2}}}},
+    cells=[{"teacher": "deit_base_patch16_224", "student": "deit_tiny_patch16_224",
+            "assistant": "vit_small_patch16_224.dino", "method": "SSTA", "reported": {"status": "not_transcribed"}}])
 
 
 def test_ssta_end_to_end_through_planner_and_runner(tmp_path, monkeypatch):
@@ -84,16 +74,6 @@ def test_ssta_end_to_end_through_planner_and_runner(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------- the term
-
-def _silence_heads(model, keep: dict[int, int]) -> None:
-    """Zero the output-projection columns of every head except ``keep[layer]`` (layers not in keep: all)."""
-    with torch.no_grad():
-        for layer, block in enumerate(model.vit.blocks):
-            attn = block.attn
-            for head in range(attn.num_heads):
-                if keep.get(layer, -1) != head:
-                    attn.proj.weight[:, head * attn.head_dim:(head + 1) * attn.head_dim] = 0
-
 
 class BatchSource:
     """``ctx.sample_batches``: fixed batches, counting how many were drawn; each draw also moves the global RNGs,
@@ -127,8 +107,8 @@ def models():
     student = create_model("vit_smoke_tiny", num_classes=5)
     teacher = create_model("vit_smoke_small", num_classes=5)  # 6 heads
     ta = create_model("vit_smoke_tiny", num_classes=0)  # an SSL TA: no classifier
-    _silence_heads(teacher, {3: 4})
-    _silence_heads(ta, {0: 0, 1: 0, 2: 0, 3: 2})
+    silence_heads(teacher, {3: 4})
+    silence_heads(ta, {0: 0, 1: 0, 2: 0, 3: 2})
     return student, teacher, ta
 
 
@@ -159,7 +139,7 @@ def test_auto_heads_are_found_cached_reported_and_leave_the_rngs(tmp_path, model
 def test_any_layer_all_heads_and_given_heads(models):
     student, teacher, ta = models
     one_head = create_model("vit_smoke_small", num_classes=5)
-    _silence_heads(one_head, {1: 5})  # one head in the whole network carries signal
+    silence_heads(one_head, {1: 5})  # one head in the whole network carries signal
     term = get_term("ssta_attn")(_ctx(student, one_head, ta, BatchSource()), teacher_layer="auto", lam=0.0)
     assert (term.choices["teacher"].layer, term.choices["teacher"].heads) == (1, [5])
     assert term.report()["heads"]["teacher"]["scope"] == "global"
@@ -234,7 +214,7 @@ def _rank_chooses(rank: int, world: int, port: int, out_dir: str) -> None:
         student = create_model("vit_smoke_tiny", num_classes=5)
         teacher = create_model("vit_smoke_small", num_classes=5)
         ta = create_model("vit_smoke_tiny", num_classes=0)
-        _silence_heads(teacher, {3: 4} if rank == 0 else {3: 1})  # each rank alone would choose differently
+        silence_heads(teacher, {3: 4} if rank == 0 else {3: 1})  # each rank alone would choose differently
         term = get_term("ssta_attn")(_ctx(student, teacher, ta, BatchSource(size=2 + rank)), lam=0.0)
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(term.report()["heads"]["teacher"]["heads"]))
     finally:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from repro.methods import LOSS_TERMS, discover
+from repro.methods import LOSS_TERMS
 from repro.optim import effective_lr
 from repro.plan import make_plan
 from repro.spec import SPEC_ROOT, Spec, load_spec, specs_for_output
@@ -126,7 +126,6 @@ def test_every_recipe_setting_and_ssta_choice_has_provenance(specs):
 
 
 def test_every_loss_term_and_model_is_registered(specs):
-    discover()
     for spec in specs.values():
         for method in spec.methods.values():
             assert all(name in LOSS_TERMS for name in method.losses)

@@ -65,7 +65,8 @@ def test_compile_compiles_the_training_step_and_says_so(tmp_path, workdirs):
 
 
 def test_teacher_cache_stamps_what_ran_and_a_float32_prefill_is_the_file_training_opens(tmp_path, workdirs):
-    from repro.teacher_outputs import cache_dir, cache_teachers
+    from repro.runner import cache_teachers
+    from repro.teacher_outputs import cache_dir
 
     methods = {"KD": {"losses": {"ce": 0.1, "kd": {"weight": 0.9, "temperature": 4}}},
                "CRD": {"losses": {"ce": 1.0, "kd": {"weight": 1.0, "temperature": 4}, "crd": {"weight": 0.8, "k": 8}}}}

@@ -35,13 +35,7 @@ def cifar_zoo() -> list[str]:
     return [n for n, f in MODELS.items() if f.__module__.startswith("repro.models.cifar.") and n != "mobile_half"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors on shared CI cores: intra-op threads only add contention. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors on shared CI cores
 
 
 def randomised(model: nn.Module, seed: int = 0) -> nn.Module:

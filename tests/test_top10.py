@@ -17,15 +17,7 @@ from repro.errors import ReproError
 from repro.evaluate import SUITES, run_suites
 from repro.evaluate.top10 import RANK_RULES, TABLE_COLUMNS, per_class_correct, top10_table
 from repro.render.analysis_plots import plot_top10
-
-
-class ConstantLogits(nn.Module):
-    def __init__(self, num_classes: int, winner: int) -> None:
-        super().__init__()
-        self.register_buffer("logits", torch.nn.functional.one_hot(torch.tensor(winner), num_classes).float())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logits.expand(x.shape[0], -1)
+from tests.support import ConstantLogits
 
 
 def test_per_class_correct_on_fixed_predictions():

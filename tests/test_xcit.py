@@ -20,6 +20,7 @@ from repro.errors import ReproError
 from repro.models import create_model
 from repro.ssta.attention import AttentionCapture, attention_kl, default_reading
 from repro.ssta.head_importance import select_heads
+from tests.support import tiny_ssta_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -250,26 +251,16 @@ def test_distilled_xcit_has_one_head_for_ce_the_hard_kd_and_evaluation():
 
 # ------------------------------------------------------------------------------------------ end to end
 
-TINY_SPEC = {
-    "base": "ssta/_imagenet",
-    "id": "test/ssta-xcit-tiny",
-    "paper": "ssta",
-    "title": "tiny SSTA on XCiT end to end",
-    "table": "test",
-    "output": "test-ssta-xcit",
-    "tiers": {"smoke": {
-        "data": {"root": "smoke/test-ssta-c4-n4-s32",
-                 "synthetic": {"classes": 4, "per_class": 4, "val_per_class": 2, "size": 32, "seed": 0}},
-        "epochs": 1, "batch_size": 8, "teachers": {"epochs": 1}}},
-    "methods": {f"SSTA {reading}": {
+READINGS = ("xca", "class_attention", "xca_tokens")
+TINY_SPEC = tiny_ssta_spec(
+    "test/ssta-xcit-tiny", "tiny SSTA on XCiT end to end", "test-ssta-xcit",
+    methods={f"SSTA {reading}": {
         "losses": {"ce": 1.0, "ssta_attn": {"weight": 1.0, "stop_epoch": 150, "stop_epoch_of": 400,
                                             "head_batches": 1, "reading": reading}},
-        "recipe": {"epochs": 400}, "tier_recipe": {"smoke": {"epochs": 1}}}
-        for reading in ("xca", "class_attention", "xca_tokens")},
-    "cells": [{"teacher": "xcit_small_12_p16_224", "student": "xcit_tiny_12_p16_224",
-               "assistant": "dino_xcit_small_12_p16", "method": f"SSTA {reading}",
-               "reported": {"status": "not_transcribed"}} for reading in ("xca", "class_attention", "xca_tokens")],
-}
+        "recipe": {"epochs": 400}, "tier_recipe": {"smoke": {"epochs": 1}}} for reading in READINGS},
+    cells=[{"teacher": "xcit_small_12_p16_224", "student": "xcit_tiny_12_p16_224",
+            "assistant": "dino_xcit_small_12_p16", "method": f"SSTA {reading}",
+            "reported": {"status": "not_transcribed"}} for reading in READINGS])
 
 
 def test_the_three_readings_run_end_to_end_and_are_recorded_in_result_json(tmp_path, monkeypatch):

@@ -1,8 +1,8 @@
 """Datasets as whole tensors, read from their real on-disk layouts.
 
 A reader is registered in ``DATASETS`` (``@DATASETS.register("cifar100")``) as
-``fn(root: Path, split: str, download: bool) -> ImageTensorDataset``. Every module of this package is imported
-on first use, so a new dataset is one new file here: no list to edit.
+``fn(root: Path, split: str, download: bool) -> ImageTensorDataset``. The registry imports every module of this
+package before its first lookup (``repro.registry``), so a new dataset is one new file here: no list to edit.
 
 The ``fingerprint`` of a dataset is a sha256 over its source files; it keys every cache derived from the data
 (the teacher-output cache), so replacing a file can never serve stale results.
@@ -10,8 +10,6 @@ The ``fingerprint`` of a dataset is a sha256 over its source files; it keys ever
 from __future__ import annotations
 
 import hashlib
-import importlib
-import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -45,30 +43,17 @@ class ImageTensorDataset:
 
 
 DatasetReader = Callable[[Path, str, bool], ImageTensorDataset]
-DATASETS: Registry[DatasetReader] = Registry("dataset")
-
-_discovered = False
-
-
-def discover() -> None:
-    """Import every module of this package once, so their readers register themselves."""
-    global _discovered
-    if not _discovered:
-        for info in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{info.name}")
-        _discovered = True
+DATASETS: Registry[DatasetReader] = Registry("dataset", package=__name__)
 
 
 def load_dataset(name: str, root: str | Path, split: str, download: bool = True) -> ImageTensorDataset:
     """Read split ``split`` of the registered dataset ``name`` from ``root`` (downloading it if allowed)."""
-    discover()
     if split not in ("train", "test"):
         raise ReproError(f"unknown split {split!r} for dataset {name!r}; expected 'train' or 'test'")
     return DATASETS.get(name)(Path(root), split, download)
 
 
 def dataset_names() -> list[str]:
-    discover()
     return DATASETS.names()
 
 
@@ -85,5 +70,5 @@ def fingerprint_files(paths: Iterable[Path], salt: str = "") -> str:
     return combine_fingerprint(salt, [(path.name, sha256_file(path)) for path in paths])
 
 
-__all__ = ["DATASETS", "DatasetReader", "ImageTensorDataset", "dataset_names", "discover", "fingerprint_files",
+__all__ = ["DATASETS", "DatasetReader", "ImageTensorDataset", "dataset_names", "fingerprint_files",
            "combine_fingerprint", "load_dataset"]

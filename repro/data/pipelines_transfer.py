@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from PIL import Image
@@ -35,7 +35,9 @@ from repro.data.pipelines_folder import (
 )
 from repro.errors import ReproError
 from repro.pipelines import PIPELINE_ARGS, PIPELINES, DataBundle, data_root
-from repro.spec import Recipe
+
+if TYPE_CHECKING:  # the trainer's run config, as a type only (the data layer imports nothing above it)
+    from repro.train_config import TrainRecipe as Recipe
 
 DEFAULT_IMAGE_SIZE = 224
 

@@ -14,7 +14,7 @@ from typing import Any, Optional
 from repro.errors import ReproError
 from repro.registry import Registry
 
-LOGGERS: Registry[type["RunLogger"]] = Registry("run logger")
+LOGGERS: Registry[type["RunLogger"]] = Registry("run logger", package=__name__)  # one module per logger
 ENV = "REPRO_LOGGERS"
 DEFAULT = ("tensorboard",)  # on when installed; the others only when asked
 
@@ -43,13 +43,8 @@ class RunLogger:
         raise NotImplementedError
 
 
-def _register_all() -> None:
-    from repro.loggers import tensorboard, wandb  # noqa: F401  (each registers itself)
-
-
 def selected_loggers(value: Optional[str] = None) -> list[str]:
     """The logger names ``$REPRO_LOGGERS`` (or ``value``) asks for; an unknown or uninstalled one is an error."""
-    _register_all()
     value = os.environ.get(ENV) if value is None else value
     if value is None or value.strip() == "":
         return [name for name in DEFAULT if LOGGERS.get(name).available()]

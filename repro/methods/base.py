@@ -161,7 +161,7 @@ class LossTerm(nn.Module):
         raise NotImplementedError
 
 
-LOSS_TERMS: Registry[type[LossTerm]] = Registry("loss term")
+LOSS_TERMS: Registry[type[LossTerm]] = Registry("loss term", package="repro.methods")
 
 TeacherFn = Callable[[Batch, bool, bool], tuple[Tensor, Optional[list[Tensor]]]]
 

@@ -1,7 +1,8 @@
 """One way to build every network: ``create_model(name, num_classes=...)``.
 
 Model families register factories in ``MODELS`` (``@register_model("resnet20")``). A factory takes
-``num_classes`` plus keyword arguments and returns an ``nn.Module``.
+``num_classes`` plus keyword arguments and returns an ``nn.Module``. The registry imports every module of this
+package before its first lookup (``repro.registry``), so a new family is one new file here: no list to edit.
 
 Feature contract (used by feature-based methods such as CRD and ITRD, never by per-model code):
 ``model(x, is_feat=True, preact=False)`` returns ``(features, logits)`` where ``features`` is a list of stage
@@ -11,7 +12,6 @@ Models that do not speak this contract natively (timm, torchvision) are wrapped 
 """
 from __future__ import annotations
 
-import importlib
 from typing import Any, Callable
 
 import torch.nn as nn
@@ -19,25 +19,7 @@ import torch.nn as nn
 from repro.registry import Registry
 
 ModelFactory = Callable[..., nn.Module]
-MODELS: Registry[ModelFactory] = Registry("model")
-
-# Families register themselves on import; imported lazily so that `repro --help` stays fast.
-_FAMILIES = ("repro.models.cifar", "repro.models.imagenet", "repro.models.vit", "repro.models.xcit",
-             "repro.models.timm_cnn")
-_loaded = False
-
-
-def _load_families() -> None:
-    global _loaded
-    if _loaded:
-        return
-    for module in _FAMILIES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:  # a family not written yet must not break the others
-            if err.name != module:
-                raise
-    _loaded = True
+MODELS: Registry[ModelFactory] = Registry("model", package=__name__)
 
 
 def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
@@ -46,12 +28,10 @@ def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
 
 def create_model(name: str, num_classes: int = 100, **kwargs: Any) -> nn.Module:
     """Build a registered model; an unknown name raises ReproError naming it and the known names."""
-    _load_families()
     return MODELS.get(name)(num_classes=num_classes, **kwargs)
 
 
 def model_names() -> list[str]:
-    _load_families()
     return MODELS.names()
 
 

@@ -7,7 +7,6 @@ Layout and keys follow RepDistiller's ``models/mobilenetv2.py``: stem ``conv1.{0
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch.nn as nn
@@ -84,20 +83,7 @@ class MobileNetV2(CifarNet):
         self.avgpool = nn.AvgPool2d(input_size // 16, ceil_mode=True)
         stage_channels = [int(c * width_mult) for _, c, _, _ in _STAGES]
         self._feature_dims = [int(32 * width_mult)] + [stage_channels[i] for i in (1, 2, 4, 6)] + [last_channel]
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        # RepDistiller's init: N(0, 2/(k*k*out)) convs, BN 1/0, Linear N(0, 0.01^2) with zero bias.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        self.init_like_repdistiller(linear_std=0.01)
 
     def forward_features(self, x: Tensor, preact: bool = False) -> list[Tensor]:
         # Stage outputs end in a linear (BN, no ReLU) projection, so RepDistiller returns the same list for

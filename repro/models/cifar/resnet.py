@@ -9,7 +9,8 @@ This module also holds the two pieces every CIFAR family shares: ``CifarNet`` (t
 """
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Optional
 
 import torch.nn as nn
 import torch.nn.functional as F
@@ -34,6 +35,24 @@ class CifarNet(nn.Module):
 
     def get_classifier(self) -> nn.Module:
         raise NotImplementedError
+
+    def init_like_repdistiller(self, linear_std: Optional[float]) -> None:
+        """RepDistiller's explicit init of VGG, WRN and MobileNetV2: convs N(0, 2/(k*k*out)) with zero bias, BN 1/0,
+        Linear zero bias and N(0, linear_std^2) weights (``None``: the Linear keeps torch's default, as in WRN).
+        One loop in module order, so the RNG draws are those of the per-family copies it replaced."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                if linear_std is not None:
+                    nn.init.normal_(m.weight, 0.0, linear_std)
+                nn.init.zeros_(m.bias)
 
     def feature_dims(self) -> list[int]:
         """Channels (or width, for the pooled vector) of each feature, known without a data pass."""

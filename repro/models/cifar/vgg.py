@@ -7,7 +7,6 @@ and a single ``classifier`` Linear(512, classes). No fully connected hidden laye
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch.nn as nn
@@ -53,21 +52,7 @@ class VGG(CifarNet):
         self.pool4 = nn.AdaptiveAvgPool2d((1, 1))
         self.classifier = nn.Linear(512, num_classes)
         self._feature_dims = [group[-1] for group in config] + [config[-1][-1]]
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        # RepDistiller's VGG init: N(0, 2/(k*k*out)) conv weights, zero biases, BN 1/0, Linear N(0, 0.01^2).
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        self.init_like_repdistiller(linear_std=0.01)
 
     def forward_features(self, x: Tensor, preact: bool = False) -> list[Tensor]:
         height = x.shape[2]

@@ -6,7 +6,6 @@ pre-activation blocks (``bn1, conv1, bn2, conv2`` and ``convShortcut`` when the 
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch.nn as nn
@@ -73,19 +72,7 @@ class WideResNet(CifarNet):
         self.bn1 = nn.BatchNorm2d(widths[3])
         self.fc = nn.Linear(widths[3], num_classes)
         self._feature_dims = [widths[0], widths[1], widths[2], widths[3], widths[3]]
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        # RepDistiller's WRN init: N(0, 2/(k*k*out)) convs, BN 1/0, Linear bias 0 (weight keeps the default).
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        self.init_like_repdistiller(linear_std=None)
 
     def forward_features(self, x: Tensor, preact: bool = False) -> list[Tensor]:
         f0 = self.conv1(x)

@@ -1,0 +1,40 @@
+"""Small pieces several test modules share (one copy each, so the tests stay in step)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+# The tiny SSTA smoke tier both SSTA end-to-end tests use: 4 classes x 4 images at 32 px, one epoch.
+TINY_SSTA_SMOKE_TIER: dict[str, Any] = {
+    "data": {"root": "smoke/test-ssta-c4-n4-s32",
+             "synthetic": {"classes": 4, "per_class": 4, "val_per_class": 2, "size": 32, "seed": 0}},
+    "epochs": 1, "batch_size": 8, "teachers": {"epochs": 1}}
+
+
+def tiny_ssta_spec(spec_id: str, title: str, output: str, methods: dict, cells: list[dict]) -> dict[str, Any]:
+    """A throw-away SSTA spec on the tiny smoke tier (the paper's ImageNet base, one epoch)."""
+    return {"base": "ssta/_imagenet", "id": spec_id, "paper": "ssta", "title": title, "table": "test",
+            "output": output, "tiers": {"smoke": TINY_SSTA_SMOKE_TIER}, "methods": methods, "cells": cells}
+
+
+class ConstantLogits(nn.Module):
+    """Always predicts ``winner`` out of ``num_classes``."""
+
+    def __init__(self, num_classes: int, winner: int) -> None:
+        super().__init__()
+        self.register_buffer("logits", torch.nn.functional.one_hot(torch.tensor(winner), num_classes).float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(x.shape[0], -1)
+
+
+def silence_heads(model: nn.Module, keep: dict[int, int]) -> None:
+    """Zero the output-projection columns of every head except ``keep[layer]`` (layers not in keep: all)."""
+    with torch.no_grad():
+        for layer, block in enumerate(model.vit.blocks):
+            attn = block.attn
+            for head in range(attn.num_heads):
+                if keep.get(layer, -1) != head:
+                    attn.proj.weight[:, head * attn.head_dim:(head + 1) * attn.head_dim] = 0

@@ -1,0 +1,18 @@
+"""The trainer's run config (repro.train_config): built by the harness from a spec's recipe, read back by the
+trainer, with one set of defaults."""
+from __future__ import annotations
+
+
+def test_the_trainers_recipe_is_the_specs_recipe_without_the_planner_fields():
+    # One defaults path: the spec's recipe extends the trainer's, so every field has one default, in one place.
+    from repro.spec import Recipe, load_spec
+    from repro.train_config import TrainRecipe
+
+    assert set(Recipe.model_fields) - set(TrainRecipe.model_fields) == {"lr_by_arch", "teachers"}
+    assert all(Recipe.model_fields[name].default == field.default for name, field in TrainRecipe.model_fields.items())
+    recipe = load_spec("wttm/cifar100-table1").recipe_for("full")
+    arch = next(iter(recipe.lr_by_arch))
+    run_recipe = recipe.for_training(arch)
+    assert type(run_recipe) is TrainRecipe and run_recipe.optimizer.lr == recipe.lr_by_arch[arch]
+    assert recipe.for_training("resnet8x4").optimizer.lr == recipe.optimizer.lr
+    assert TrainRecipe.model_validate(run_recipe.model_dump()) == run_recipe  # what the trainer reads back
