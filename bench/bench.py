@@ -537,7 +537,7 @@ class BenchConfig:
 
 def benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every (pair, path), write ``config.output`` atomically, return what was written."""
-    from repro.store import atomic_write_json
+    from repro.core.io import atomic_write_json
 
     device = torch.device(config.device)
     settings = path_settings(config.workers, config.channels_last, config.cache_dtype)

@@ -13,7 +13,6 @@ bundle's result beside it under ``runs/<id>/conflicts/`` for inspection.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import io
 import json
 import tarfile
@@ -21,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from repro.core.io import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
 from repro.errors import ReproError
 from repro.plan import Plan
-from repro.store import RunStore, atomic_write_bytes, atomic_write_json, run_id_of
+from repro.store import RunStore, run_id_of
 
 FORMAT = "repro-bundle/1"
 RUN_FILES = ("config.json", "metrics.jsonl", "result.json")
@@ -32,10 +32,6 @@ WEIGHTS = "model.pt"
 # only here hold the same numbers (not a conflict).
 CIRCUMSTANTIAL = {"wall_time_s", "images_per_s", "hostname", "device_name", "commit", "versions", "label",
                  "overrides"}
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass
@@ -161,7 +157,7 @@ def _origin(result: dict[str, Any]) -> str:
 
 def import_bundle(path: Path, store: RunStore) -> ImportSummary:
     manifest, files = read_bundle(path)  # everything verified before the first write
-    bundle_sha = sha256_bytes(path.read_bytes())
+    bundle_sha = sha256_file(path)
     summary = ImportSummary()
     for run_id in sorted(manifest.get("runs", {})):
         prefix = f"runs/{run_id}/"

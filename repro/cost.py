@@ -20,12 +20,13 @@ from typing import Any, Optional
 
 import torch
 
+from repro.core.io import atomic_write_json
 from repro.errors import ReproError
 from repro.methods import get_term
 from repro.models import create_model
 from repro.plan import WEIGHT_ARGS, Plan, PlannedRun
 from repro.provenance import device_name
-from repro.store import RunStore, atomic_write_json
+from repro.store import RunStore
 
 _WEIGHT_ARGS = WEIGHT_ARGS  # never load weights just to time a model
 CPU_MAX_BATCH = 64

@@ -6,11 +6,11 @@ a checkpoint file (which is also the teacher-accuracy gate). Identical configs c
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from repro.core.io import sha256_file
 from repro.errors import ReproError
 from repro.spec import Cell, MethodDef, Recipe, Spec, deep_merge, resolve_losses
 from repro.store import run_id_of
@@ -72,18 +72,10 @@ def checkpoint_identity(arch: str, root: Path, explicit: Optional[str] = None) -
     path = (Path(explicit) if explicit else root / file).expanduser().resolve()
     lock = user_lock_path(root)
     if path.is_file():
-        sha256: Optional[str] = file_sha256(path)
+        sha256: Optional[str] = sha256_file(path)
     else:
         sha256 = None if explicit else locked_sha256(arch, lock)
     return {"file": file, "path": str(path), "lock": str(lock), "sha256": sha256}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class Planner:

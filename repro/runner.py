@@ -25,7 +25,8 @@ from repro.distributed import ScaleOptions
 from repro.errors import ReproError
 from repro.locks import RunLock
 from repro.models import create_model
-from repro.plan import Plan, PlannedRun, file_sha256
+from repro.models.weights import load_repdistiller, load_run_weights
+from repro.plan import Plan, PlannedRun
 from repro.store import RunStore
 from repro.train import Resolved, RunFailed, evaluate_model, stamp, train_run
 from repro.train_config import TrainRecipe
@@ -53,8 +54,7 @@ def load_run_model(store: RunStore, run_id: str, device: torch.device) -> tuple[
             raise ReproError(f"run {run_id} has a result but no weights ({path}); if it was imported, import a "
                              f"bundle exported with --with-weights to train on top of it")
         model = create_model(model_cfg["arch"], num_classes=model_cfg["num_classes"], **model_cfg.get("args", {}))
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        key = file_sha256(path)
+        key = load_run_weights(model, path)
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -77,7 +77,7 @@ def load_eval_model(config: dict[str, Any]) -> tuple[nn.Module, str]:
     """The model of an evaluation run: a RepDistiller-format checkpoint (sha256-locked), or whatever the model
     family loads from its arguments (pretrained weights, a local checkpoint); plus a key naming its weights."""
     from repro.provenance import canonical_model_key
-    from repro.teachers import load_teacher, verify_teacher
+    from repro.teachers import verify_teacher
 
     model_cfg = config["model"]
     if not config.get("checkpoint"):
@@ -92,7 +92,7 @@ def load_eval_model(config: dict[str, Any]) -> tuple[nn.Module, str]:
     if checkpoint.get("sha256") and sha256 != checkpoint["sha256"]:
         raise ReproError(f"teacher checkpoint {path} has sha256 {sha256}, but this run was planned for "
                          f"{checkpoint['sha256']}: the file changed after planning; plan again")
-    return load_teacher(model_cfg["arch"], path, num_classes=model_cfg["num_classes"]), sha256
+    return load_repdistiller(model_cfg["arch"], path, num_classes=model_cfg["num_classes"]), sha256
 
 
 def evaluate_checkpoint(config: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -8,21 +8,21 @@
 - ``.lock``         held while a process trains the run (``repro.locks``: one trainer per run, stale-lock recovery)
 - ``job.json``      the executor job (local/slurm) last submitted for the run, for ``repro status``
 
-Every write is atomic (temp file + fsync + rename), so a run killed at any moment leaves either the previous or the
-next complete file, never a torn one. In a multi-process run only rank 0 writes (a write from another rank is a
-bug and raises).
+Every write is atomic (``repro.core.io``: temp file + fsync + rename + fsync of the folder), so a run killed at
+any moment leaves either the previous or the next complete file, never a torn one. In a multi-process run only
+rank 0 writes (a write from another rank is a bug and raises).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
 
+from repro.core.io import atomic_write_bytes, atomic_write_json
 from repro.errors import ReproError
 from repro.locks import RunLock
 
@@ -77,42 +77,6 @@ def _check_writer() -> None:
         raise RuntimeError("only rank 0 writes to the run store")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    _check_writer()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
-
-
-def atomic_torch_save(path: Path, obj: Any) -> None:
-    _check_writer()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o644)
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def default_store_root() -> Path:
     return Path(os.environ.get("REPRO_RUNS", "runs"))
 
@@ -146,15 +110,18 @@ class RunStore:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def write_config(self, run_id: str, config: dict[str, Any]) -> None:
+        _check_writer()
         atomic_write_json(self.run_dir(run_id) / "config.json", config)
 
     def write_result(self, run_id: str, result: dict[str, Any]) -> None:
+        _check_writer()
         atomic_write_json(self.run_dir(run_id) / "result.json", result)
 
     def clear_result(self, run_id: str) -> None:
         (self.run_dir(run_id) / "result.json").unlink(missing_ok=True)
 
     def write_metrics(self, run_id: str, history: list[dict[str, Any]]) -> None:
+        _check_writer()
         lines = "".join(json.dumps(row, sort_keys=True) + "\n" for row in history)
         atomic_write_bytes(self.run_dir(run_id) / "metrics.jsonl", lines.encode())
 
@@ -178,6 +145,7 @@ class RunStore:
         return RunLock(self.lock_path(run_id))
 
     def write_job(self, run_id: str, job: dict[str, Any]) -> None:
+        _check_writer()
         atomic_write_json(self.run_dir(run_id) / "job.json", job)
 
     def job(self, run_id: str) -> Optional[dict[str, Any]]:

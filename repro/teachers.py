@@ -1,4 +1,4 @@
-"""Teacher checkpoints in RepDistiller's format: load, save, fetch and pin by sha256.
+"""Teacher checkpoints in RepDistiller's format: save, fetch and pin by sha256 (``repro.models.weights`` loads them).
 
 RepDistiller (and WTTM, which reuses its scripts) stores a trained network as ``torch.save({'model':
 state_dict, 'epoch': ..., ...})`` at ``<root>/<arch>_vanilla/ckpt_epoch_240.pth``. The original download host
@@ -19,7 +19,6 @@ One teacher root serves the planner and ``repro teachers fetch``: a spec's ``tea
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,12 +32,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn as nn
-from torch import Tensor
 
+from repro.core.io import atomic_torch_save, atomic_write, atomic_write_json, sha256_file
 from repro.errors import ReproError
-from repro.models import create_model
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +100,6 @@ def teacher_path(arch: str, root: str | os.PathLike[str]) -> Path:
     return Path(root) / f"{arch}_vanilla" / CHECKPOINT_NAME
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_lock(lock_path: str | os.PathLike[str] = SHIPPED_LOCK_PATH) -> dict[str, dict[str, str]]:
     """The lock file's entries ``{arch: {"file", "sha256", "source"}}``; a missing lock file is empty."""
     lock_path = Path(lock_path)
@@ -133,18 +122,10 @@ def _write_lock_allowed(lock_path: Path) -> None:
 
 def _write_lock(lock_path: Path, lock: Mapping[str, Any]) -> None:
     _write_lock_allowed(lock_path)
-    text = json.dumps(dict(sorted(lock.items())), indent=2) + "\n"
     try:
-        _atomic_write_bytes(lock_path, text.encode())
+        atomic_write_json(lock_path, lock)
     except OSError as err:
         raise ReproError(f"cannot write teacher lock file {lock_path}: {err}") from err
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as tmp:
-        tmp.write(data)
-    os.replace(tmp.name, path)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -179,104 +160,17 @@ def verify_teacher(
     return actual
 
 
-# ---------------------------------------------------------------------------------------------- load and save
-
-
-def load_checkpoint_state(path: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """The state dict of a RepDistiller checkpoint (``{'model': state_dict, ...}``) or of a bare state dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise ReproError(f"checkpoint not found: {path}")
-    try:
-        # weights_only: a checkpoint from the internet must not be able to run code while unpickling.
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
-        raise ReproError(f"cannot read checkpoint {path}: {_unreadable_reason(err)}") from err
-    if isinstance(obj, Mapping) and "model" in obj:
-        state = obj["model"]
-    elif _is_state_dict(obj):
-        state = obj
-    else:
-        keys = ", ".join(map(str, list(obj)[:8])) if isinstance(obj, Mapping) else type(obj).__name__
-        raise ReproError(
-            f"checkpoint {path} has no 'model' entry (found: {keys}); expected RepDistiller's format "
-            "{'model': state_dict, 'epoch': ...} or a bare state dict"
-        )
-    if not _is_state_dict(state):
-        raise ReproError(f"the 'model' entry of checkpoint {path} is not a state dict of tensors")
-    return _strip_prefix(dict(state), "module.")
-
-
-def _unreadable_reason(err: Exception) -> str:
-    text = str(err)
-    unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-    if unsupported:
-        return (
-            f"it pickles {unsupported.group(1)}, which is not unpickled for safety; re-save it as "
-            "{'model': state_dict} (save_checkpoint_repdistiller does)"
-        )
-    if "Weights only load failed" in text:  # torch wraps every unpickling failure in this message
-        return "corrupt, truncated or not written by torch.save"
-    first_line = (text.strip().splitlines() or [""])[0][:300]
-    return f"corrupt, truncated or not written by torch.save ({type(err).__name__}: {first_line})"
-
-
-def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, Tensor) for v in obj.values())
-
-
-def _strip_prefix(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    # Checkpoints saved from a DataParallel/DDP wrapper prefix every key with "module.".
-    if all(key.startswith(prefix) for key in state):
-        return {key[len(prefix):]: value for key, value in state.items()}
-    return state
-
-
-def load_teacher(arch: str, path: str | os.PathLike[str], num_classes: int = 100) -> nn.Module:
-    """Build ``create_model(arch)`` and load the checkpoint strictly; the model is returned in eval mode."""
-    state = load_checkpoint_state(path)
-    model = create_model(arch, num_classes=num_classes)
-    expected = model.state_dict()
-    # BatchNorm's num_batches_tracked counters (absent from pre-0.4.1 checkpoints) do not affect inference.
-    for key, value in expected.items():
-        if key.endswith("num_batches_tracked") and key not in state:
-            state[key] = value
-    _check_state_fits(state, expected, arch, Path(path), num_classes)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
-
-
-def _check_state_fits(
-    state: Mapping[str, Tensor], expected: Mapping[str, Tensor], arch: str, path: Path, num_classes: int
-) -> None:
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    shapes = [
-        f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(value.shape)}"
-        for key, value in expected.items()
-        if key in state and state[key].shape != value.shape
-    ]
-    problems = [
-        f"{len(items)} {label} (e.g. {', '.join(items[:3])})"
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
-        if items
-    ]
-    if problems:
-        raise ReproError(
-            f"checkpoint {path} does not fit model {arch!r} (num_classes={num_classes}): " + "; ".join(problems)
-        )
+# ------------------------------------------------------------------------------------------------------- save
 
 
 def save_checkpoint_repdistiller(model: nn.Module, path: str | os.PathLike[str], epoch: int = 240) -> Path:
-    """Write ``{'model': state_dict, 'epoch': epoch}``, loadable by RepDistiller, mdistiller and ``load_teacher``."""
+    """Write ``{'model': state_dict, 'epoch': epoch}``, loadable by RepDistiller, mdistiller and
+    ``repro.models.weights.load_repdistiller``."""
     path = Path(path)
     model = getattr(model, "module", model)  # DataParallel / DDP
     model = getattr(model, "_orig_mod", model)  # torch.compile
     state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": state, "epoch": epoch}, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save(path, {"model": state, "epoch": epoch})
     return path
 
 
@@ -350,16 +244,12 @@ def _download_missing(dest: Path, archs: list[str], urls: list[str]) -> dict[str
 
 
 def _download(url: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".part")
     log.info("downloading %s -> %s", url, target)
     try:
-        with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response, open(partial, "wb") as out:
-            shutil.copyfileobj(response, out, 1 << 20)
+        with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
+            atomic_write(target, lambda out: shutil.copyfileobj(response, out, 1 << 20))
     except (urllib.error.URLError, OSError, ValueError) as err:
-        partial.unlink(missing_ok=True)
         raise _DownloadError(str(getattr(err, "reason", err))) from err
-    os.replace(partial, target)
 
 
 def _fetch_per_file(template: str, archs: list[str], dest: Path) -> dict[str, str]:
@@ -404,11 +294,8 @@ def _copy_member(bundle: tarfile.TarFile, member: tarfile.TarInfo, target: Path)
     source = bundle.extractfile(member)
     if source is None:
         raise _DownloadError(f"cannot read {member.name} from the archive")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".part")
-    with source, open(partial, "wb") as out:
-        shutil.copyfileobj(source, out, 1 << 20)
-    os.replace(partial, target)
+    with source:
+        atomic_write(target, lambda out: shutil.copyfileobj(source, out, 1 << 20))
 
 
 def _ensure_dir(path: Path) -> Path:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from repro import distributed, numerics
 from repro.distributed import ScaleOptions, all_reduce_sum
+from repro.core.io import atomic_torch_save
 from repro.errors import ReproError
 from repro.loggers import EpochLog
 from repro.methods import Distiller, TermContext, get_term
@@ -34,7 +35,6 @@ from repro.models import create_model
 from repro.optim import OPTIMIZERS, SCHEDULES, effective_lr
 from repro.pipelines import DataBundle, build_pipeline
 from repro.provenance import environment
-from repro.store import atomic_torch_save
 from repro.train_config import TrainRecipe
 
 

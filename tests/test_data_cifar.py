@@ -14,7 +14,8 @@ import torchvision.datasets.cifar as tv_cifar
 from torchvision.datasets import CIFAR10, CIFAR100
 
 import repro.data.cifar as cifar
-from repro.data import ImageTensorDataset, dataset_names, hash_file, load_dataset
+from repro.core.io import file_digests
+from repro.data import ImageTensorDataset, dataset_names, load_dataset
 from repro.data.cifar import SYNTHETIC_MANIFEST, read_cifar
 from repro.data.synthetic import (SMOKE_ARGS, classes_with_images, ensure_synthetic_cifar, read_synthetic_cifar,
                                   write_synthetic_cifar)
@@ -31,7 +32,7 @@ def synthetic100(tmp_path: Path) -> Path:
 
 def _patch_official_md5(monkeypatch: pytest.MonkeyPatch, source: type, folder: Path) -> None:
     """Make torchvision's md5 list describe the files in ``folder`` (so the strict reader accepts them)."""
-    md5 = lambda name: hash_file(folder / name, "md5")["md5"]  # noqa: E731
+    md5 = lambda name: file_digests(folder / name, "md5")["md5"]  # noqa: E731
     monkeypatch.setattr(source, "train_list", [[n, md5(n)] for n, _ in source.train_list])
     monkeypatch.setattr(source, "test_list", [[n, md5(n)] for n, _ in source.test_list])
     monkeypatch.setattr(source, "meta", {**source.meta, "md5": md5(source.meta["filename"])})

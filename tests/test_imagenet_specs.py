@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import torchvision
 import yaml
 
-import repro.models.imagenet as imagenet
+import repro.models.weights as weights
 from repro.errors import ReproError
 from repro.methods import LOSS_TERMS
 from repro.models import create_model
@@ -180,10 +180,10 @@ def test_pretrained_without_network_fails_with_one_error(tmp_path, monkeypatch):
         create_model("tv_resnet50", pretrained=True)
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("REPRO_OFFLINE", raising=False)
-    monkeypatch.setattr(imagenet, "host_reachable", lambda host, *a, **k: False)
+    monkeypatch.setattr(weights, "host_reachable", lambda host, *a, **k: False)
     with pytest.raises(ReproError, match="download.pytorch.org is unreachable"):
         create_model("tv_resnet18", pretrained=True)
-    cached = imagenet.cached_hub_file(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url)
+    cached = weights.cached_hub_file(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url)
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"truncated download")
     with pytest.raises(ReproError, match="corrupt"):

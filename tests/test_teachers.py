@@ -10,19 +10,18 @@ import pytest
 import torch
 import torch.nn as nn
 
+from repro.core.io import sha256_file
 from repro.errors import ReproError
 from repro.models import MODELS, create_model, model_names
+from repro.models.weights import load_repdistiller, read_repdistiller_state
 from repro.teachers import (
     BUNDLE_URL,
     SHIPPED_LOCK_PATH,
     EXPECTED_TEACHER_TOP1,
     TEACHER_ARCHS,
     fetch_teachers,
-    load_checkpoint_state,
-    load_teacher,
     read_lock,
     save_checkpoint_repdistiller,
-    sha256_file,
     teacher_path,
     verify_teacher,
 )
@@ -79,7 +78,7 @@ def test_every_zoo_model_round_trips_through_repdistiller_format(arch: str, tmp_
     path = save_checkpoint_repdistiller(model, tmp_path / f"{arch}_vanilla" / "ckpt_epoch_240.pth", epoch=7)
     raw = torch.load(path, map_location="cpu", weights_only=True)
     assert raw["epoch"] == 7 and set(raw["model"]) == set(model.state_dict())
-    loaded = load_teacher(arch, path, num_classes=10)
+    loaded = load_repdistiller(arch, path, num_classes=10)
     assert not loaded.training
     torch.testing.assert_close(outputs(loaded), outputs(model), rtol=0, atol=0)
 
@@ -91,7 +90,7 @@ def test_bare_and_dataparallel_state_dicts_are_accepted(tmp_path: Path) -> None:
     prefixed = tmp_path / "dp.pth"
     torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}}, prefixed)
     for path in (bare, prefixed):
-        torch.testing.assert_close(outputs(load_teacher("resnet8", path)), outputs(model))
+        torch.testing.assert_close(outputs(load_repdistiller("resnet8", path)), outputs(model))
 
 
 def test_missing_num_batches_tracked_is_tolerated(tmp_path: Path) -> None:
@@ -99,7 +98,7 @@ def test_missing_num_batches_tracked_is_tolerated(tmp_path: Path) -> None:
     model = randomised(create_model("resnet8"))
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     torch.save({"model": state}, tmp_path / "old.pth")
-    torch.testing.assert_close(outputs(load_teacher("resnet8", tmp_path / "old.pth")), outputs(model))
+    torch.testing.assert_close(outputs(load_repdistiller("resnet8", tmp_path / "old.pth")), outputs(model))
 
 
 # ---------------------------------------------------------------------------------------------------- errors
@@ -108,7 +107,7 @@ def test_missing_num_batches_tracked_is_tolerated(tmp_path: Path) -> None:
 def test_missing_checkpoint_names_the_path(tmp_path: Path) -> None:
     missing = tmp_path / "resnet56_vanilla" / "ckpt_epoch_240.pth"
     with pytest.raises(ReproError, match="not found") as err:
-        load_teacher("resnet56", missing)
+        load_repdistiller("resnet56", missing)
     assert str(missing) in str(err.value)
     with pytest.raises(ReproError) as err:
         verify_teacher("resnet56", missing, tmp_path / "lock.json")
@@ -118,8 +117,8 @@ def test_missing_checkpoint_names_the_path(tmp_path: Path) -> None:
 def test_unreadable_checkpoint_is_refused(tmp_path: Path) -> None:
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"<html>404 Not Found</html>" * 10)
-    with pytest.raises(ReproError, match="cannot read checkpoint") as err:
-        load_teacher("resnet56", junk)
+    with pytest.raises(ReproError, match="could not be read") as err:
+        load_repdistiller("resnet56", junk)
     assert str(junk) in str(err.value)
 
 
@@ -127,8 +126,8 @@ def test_truncated_checkpoint_is_refused(tmp_path: Path) -> None:
     path = save_checkpoint_repdistiller(create_model("resnet8"), tmp_path / "full.pth")
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(ReproError, match="cannot read checkpoint"):
-        load_checkpoint_state(truncated)
+    with pytest.raises(ReproError, match="could not be read"):
+        read_repdistiller_state(truncated)
 
 
 def test_checkpoint_pickling_python_objects_is_not_unpickled(tmp_path: Path) -> None:
@@ -136,30 +135,30 @@ def test_checkpoint_pickling_python_objects_is_not_unpickled(tmp_path: Path) -> 
     path = tmp_path / "last.pth"
     torch.save({"opt": argparse.Namespace(model="resnet8"), "model": create_model("resnet8").state_dict()}, path)
     with pytest.raises(ReproError, match="argparse.Namespace"):
-        load_checkpoint_state(path)
+        read_repdistiller_state(path)
 
 
 def test_checkpoint_without_model_key_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "other.pth"
     torch.save({"epoch": 240, "net": create_model("resnet8").state_dict()}, path)
     with pytest.raises(ReproError, match="no 'model' entry") as err:
-        load_teacher("resnet8", path)
+        load_repdistiller("resnet8", path)
     assert "epoch" in str(err.value) and "net" in str(err.value)
 
 
 def test_wrong_architecture_names_arch_and_keys(tmp_path: Path) -> None:
     path = save_checkpoint_repdistiller(create_model("resnet56"), tmp_path / "r56.pth")
     with pytest.raises(ReproError) as err:
-        load_teacher("resnet110", path)
+        load_repdistiller("resnet110", path)
     message = str(err.value)
     assert "'resnet110'" in message and str(path) in message
-    assert "missing keys" in message and "layer1.9." in message
+    assert "weights missing" in message and "layer1.9." in message
 
 
 def test_wrong_num_classes_reports_shape_mismatch(tmp_path: Path) -> None:
     path = save_checkpoint_repdistiller(create_model("resnet8", num_classes=10), tmp_path / "r8.pth")
     with pytest.raises(ReproError, match=r"shape mismatches .*fc\.weight: checkpoint \(10, 64\) vs model \(100, 64\)"):
-        load_teacher("resnet8", path, num_classes=100)
+        load_repdistiller("resnet8", path, num_classes=100)
 
 
 # ---------------------------------------------------------------------------------------------- fetch + lock
@@ -179,7 +178,7 @@ def test_fetch_from_tar_records_lock_and_second_fetch_verifies(tmp_path: Path, b
             "source": url,
         }
         assert verify_teacher(arch, paths[arch], lock_path) == lock[arch]["sha256"]
-        torch.testing.assert_close(outputs(load_teacher(arch, paths[arch])), expected[arch], rtol=0, atol=0)
+        torch.testing.assert_close(outputs(load_repdistiller(arch, paths[arch])), expected[arch], rtol=0, atol=0)
     assert not any(p.name.startswith(".teachers-download") for p in dest.iterdir())  # staging cleaned up
 
     # The files are present and pinned: a second fetch needs no source at all and leaves the lock alone.

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import repro.models.vit as vit_module
+import repro.models.weights as weights
 from repro.errors import ReproError
 from repro.models import create_model, model_names
 
@@ -127,7 +127,8 @@ def test_pretrained_offline_is_one_clear_error():
 
 def test_pretrained_with_unreachable_hub_does_not_retry(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(vit_module, "_hub_reachable", lambda timeout_s=3.0: False)
+    monkeypatch.delenv("REPRO_OFFLINE", raising=False)
+    monkeypatch.setattr(weights, "host_reachable", lambda host, *a, **k: False)
     with pytest.raises(ReproError, match="unreachable"):
         create_model("vit_small_patch16_224.dino", num_classes=0, pretrained=True)
 

@@ -105,21 +105,21 @@ def _load_run(store: Any, run_id: str, device: torch.device) -> tuple[nn.Module,
 
 
 def _load_checkpoint_file(path: Path, arch: Optional[str], num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
-    from repro.plan import file_sha256
-    from repro.teachers import load_teacher
+    from repro.core.io import sha256_file
+    from repro.models.weights import load_repdistiller
 
     if not arch:
         raise ReproError(f"MODEL {path} is a checkpoint file: name its architecture with --arch "
                          f"(a registered model name, e.g. resnet56 or deit_tiny_patch16_224)")
-    model = load_teacher(arch, path, num_classes=num_classes)  # strict: every tensor must fit
-    return model, {"source": "checkpoint", "path": str(path), "sha256": file_sha256(path), "arch": arch,
+    model = load_repdistiller(arch, path, num_classes=num_classes)  # strict: every tensor must fit
+    return model, {"source": "checkpoint", "path": str(path), "sha256": sha256_file(path), "arch": arch,
                    "num_classes": num_classes}
 
 
 def _load_named(name: str, pretrained: bool, checkpoint: Optional[str], num_classes: int
                 ) -> tuple[nn.Module, dict[str, Any]]:
+    from repro.core.io import sha256_file
     from repro.models import MODELS, create_model, model_names
-    from repro.plan import file_sha256
 
     registered = name in set(model_names()) | set(MODELS)
     if not registered and not _is_timm_name(name):
@@ -139,7 +139,7 @@ def _load_named(name: str, pretrained: bool, checkpoint: Optional[str], num_clas
                          f"{how}") from None
     info = {"source": "checkpoint" if checkpoint else "pretrained", "arch": name, "num_classes": num_classes}
     if checkpoint:
-        info.update(path=str(checkpoint), sha256=file_sha256(Path(checkpoint)))
+        info.update(path=str(checkpoint), sha256=sha256_file(Path(checkpoint)))
     return model, info
 
 

@@ -62,7 +62,7 @@ def evaluate_analysis_model(ctx: Any, entry: AnalysisModel, other: Optional[Anal
                             ) -> Optional[dict[str, Any]]:
     """The record of one analysis model: ImageNet-C, shape bias (1000-way models only) and, for the teacher of the
     top-10 pair, top10 against the TA. Skipped suites are reported on the console with the reason."""
-    from repro.store import atomic_write_json
+    from repro.core.io import atomic_write_json
 
     model = load_model(entry.run_id, ctx.store, ctx.device)
     model.label = entry.label  # the figure's short name, not the run's long label

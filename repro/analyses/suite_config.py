@@ -82,7 +82,7 @@ def build_synthetic_eval_data(root: Path, num_outputs: int, image_size: int, sui
     from repro.data.imagefolder import write_synthetic_imagefolder
     from repro.analyses import SUITES
     from repro.data.imagenet_c_synthetic import SMOKE_CORRUPTIONS, SEVERITIES, write_imagenet_c_folder
-    from repro.store import atomic_write_json
+    from repro.core.io import atomic_write_json
 
     size = max(int(image_size), 32)  # imagecorruptions refuses images under 32 px
     names = synthetic_class_names(num_outputs)

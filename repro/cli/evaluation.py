@@ -75,7 +75,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from repro.analyses.records import default_record_path, evaluate_record, summary_line
     from repro.analyses.resolve import default_image_size, load_model, run_normalization
     from repro.analyses.suite_config import SuiteOptions, build_synthetic_eval_data, data_from_args, synthetic_folder
-    from repro.store import atomic_write_json
+    from repro.core.io import atomic_write_json
 
     suites = parse_suites(args.suite)
     store, device = store_of(args), device_of(args)

@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor
 
+from repro.core.io import sha256_file
 from repro.errors import ReproError
 from repro.registry import Registry
 
@@ -56,16 +57,6 @@ def dataset_names() -> list[str]:
     return DATASETS.names()
 
 
-def hash_file(path: Path, *algorithms: str) -> dict[str, str]:
-    """Hex digests of one file for each named hashlib algorithm, in a single pass over its bytes."""
-    digests = {name: hashlib.new(name) for name in algorithms}
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            for digest in digests.values():
-                digest.update(chunk)
-    return {name: digest.hexdigest() for name, digest in digests.items()}
-
-
 def combine_fingerprint(salt: str, named_sha256: Iterable[tuple[str, str]]) -> str:
     """The dataset fingerprint: sha256 over ``salt`` and each (file name, file sha256) in order."""
     digest = hashlib.sha256(salt.encode() + b"\0")
@@ -76,8 +67,8 @@ def combine_fingerprint(salt: str, named_sha256: Iterable[tuple[str, str]]) -> s
 
 def fingerprint_files(paths: Iterable[Path], salt: str = "") -> str:
     """sha256 fingerprint over the given source files (``salt`` tells apart e.g. the splits of one folder)."""
-    return combine_fingerprint(salt, [(path.name, hash_file(path, "sha256")["sha256"]) for path in paths])
+    return combine_fingerprint(salt, [(path.name, sha256_file(path)) for path in paths])
 
 
 __all__ = ["DATASETS", "DatasetReader", "ImageTensorDataset", "dataset_names", "fingerprint_files",
-           "hash_file", "combine_fingerprint", "load_dataset"]
+           "combine_fingerprint", "load_dataset"]

@@ -19,7 +19,8 @@ import torch
 from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import download_and_extract_archive
 
-from repro.data import DATASETS, ImageTensorDataset, combine_fingerprint, hash_file
+from repro.core.io import file_digests
+from repro.data import DATASETS, ImageTensorDataset, combine_fingerprint
 from repro.errors import ReproError
 
 SYNTHETIC_MANIFEST = "synthetic_manifest.json"
@@ -90,7 +91,7 @@ def _verified_sha256(layout: CifarLayout, folder: Path, split: str, names: list[
     official = layout.official_md5()
     named_sha256 = []
     for name in names:
-        digests = hash_file(folder / name, "md5", "sha256")
+        digests = file_digests(folder / name, "md5", "sha256")
         if verify_md5 and digests["md5"] != official[name]:
             raise _unusable(layout, folder, split, f"{name} has md5 {digests['md5']}, expected {official[name]} "
                                                    f"(corrupt or not the official file)")

@@ -17,7 +17,6 @@ the weak colour cue.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from repro.data import DATASETS, ImageTensorDataset, hash_file
+from repro.core.io import atomic_write_bytes, sha256_file
+from repro.data import DATASETS, ImageTensorDataset
 from repro.data.cifar import SYNTHETIC_MANIFEST, get_layout, read_cifar
 from repro.errors import ReproError
 
@@ -139,13 +139,6 @@ def _file_entries(variant: str, splits: dict[str, tuple[np.ndarray, np.ndarray]]
     return entries
 
 
-def _write_atomic(path: Path, payload: bytes) -> None:
-    # Concurrent writers write identical bytes; replace() makes each file appear whole or not at all.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)
-
-
 def _generator_args(num_classes: int, classes_used: int, train_per_class: int, test_per_class: int, seed: int,
                     variant: str) -> dict[str, Any]:
     return {"version": GENERATOR_VERSION, "variant": variant, "num_classes": num_classes,
@@ -172,12 +165,13 @@ def write_synthetic_cifar(root: str | Path, *, num_classes: int = 100, classes_u
     splits = _generate(rng, label_ids, train_per_class, test_per_class)
     hashes = {}
     for name, entry in _file_entries(variant, splits, num_classes).items():
-        _write_atomic(folder / name, pickle.dumps(entry, protocol=2))
-        hashes[name] = hash_file(folder / name, "sha256")["sha256"]
+        # Concurrent writers write identical bytes; each file appears whole or not at all.
+        atomic_write_bytes(folder / name, pickle.dumps(entry, protocol=2))
+        hashes[name] = sha256_file(folder / name)
     manifest = {"generator": "repro.data.synthetic",
                 "args": _generator_args(num_classes, classes_used, train_per_class, test_per_class, seed, variant),
                 "classes_with_images": label_ids, "files": hashes}
-    _write_atomic(folder / SYNTHETIC_MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    atomic_write_bytes(folder / SYNTHETIC_MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
     return folder
 
 
@@ -195,7 +189,7 @@ def _manifest_matches(folder: Path, manifest: dict[str, Any] | None, args: dict[
     if manifest is None or manifest.get("args") != args:
         return False
     files = manifest.get("files", {})
-    return all((folder / name).is_file() and hash_file(folder / name, "sha256")["sha256"] == sha
+    return all((folder / name).is_file() and sha256_file(folder / name) == sha
                for name, sha in files.items())
 
 

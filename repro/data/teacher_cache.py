@@ -40,7 +40,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from repro.data import ImageTensorDataset, hash_file
+from repro.core.io import atomic_write_text, sha256_file
+from repro.data import ImageTensorDataset
 from repro.data.loader import (PADDING, apply_views, channel_stats, identity_views, normalize, num_views, view_ids,
                                views_from_ids)
 from repro.errors import ReproError
@@ -56,7 +57,7 @@ def checkpoint_key(path: str | Path, extra: str = "") -> str:
     path = Path(path)
     if not path.is_file():
         raise ReproError(f"teacher checkpoint not found: {path}")
-    return hash_file(path, "sha256")["sha256"] + (f"+{extra}" if extra else "")
+    return sha256_file(path) + (f"+{extra}" if extra else "")
 
 
 def _normalization_json(normalization: Sequence[Any]) -> Any:
@@ -170,9 +171,7 @@ class TeacherCache:
         if path.exists():
             return
         tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        sidecar_tmp = sidecar.with_name(f".{sidecar.name}.{tag}")
-        sidecar_tmp.write_text(json.dumps(keys, indent=2, sort_keys=True))
-        os.replace(sidecar_tmp, sidecar)
+        atomic_write_text(sidecar, json.dumps(keys, indent=2, sort_keys=True))
         tmp = path.with_name(f".{path.name}.{tag}")
         with open(tmp, "wb") as handle:
             handle.truncate(cls._file_size(keys))  # sparse: zero flags mean "not filled"

@@ -16,7 +16,8 @@ Registered names (``create_model(name, num_classes=..., pretrained=False, checkp
 Weights are never fetched as a side effect: ``pretrained=True`` first looks in the local cache (torch.hub's
 ``checkpoints`` folder for torchvision, the Hugging Face cache for timm) and, when the file is absent and the
 network is off (``HF_HUB_OFFLINE``/``REPRO_OFFLINE`` set, or the host unreachable within a few seconds), fails at
-once with one ReproError. ``checkpoint=<local file>`` is the offline path: any mismatch is one ReproError.
+once with one ReproError. ``checkpoint=<local file>`` is the offline path: any mismatch is one ReproError
+(all through ``repro.models.weights``, the one weights loader).
 
 Feature contract (``repro.models``): ``model(x, is_feat=True, preact=False)`` returns ``(features, logits)`` with
 features = [stem, stage 1, ..., stage N, pooled penultimate vector]; ``preact=True`` gives each stem/stage output
@@ -24,16 +25,8 @@ before its final activation (read with a pre-hook on that activation, so the net
 """
 from __future__ import annotations
 
-import hashlib
-import os
-import re
-import socket
-import threading
-import warnings
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
-from urllib.parse import urlparse
 
 import timm
 import torch
@@ -44,13 +37,9 @@ from torchvision.models._api import WeightsEnum
 
 from repro.errors import ReproError
 from repro.models import MODELS, register_model
-from repro.models.vit import _create_pretrained, build_timm_vit
-
-# Wrappers (DDP, torchdistill/mdistiller trainers, this module's MobileNet wrapper) prefix the network's keys.
-_KEY_PREFIXES = ("module.", "model.", "net.", "student.", "backbone.")
-_CONTAINER_KEYS = ("state_dict", "model", "student", "net", "module")
-_CLASSIFIER_PREFIXES = ("fc.", "classifier.")
-_PROBE_TIMEOUT_S = 3.0
+from repro.models.vit import build_timm_vit
+from repro.models.weights import (check_weight_args, fit_state_dict, load_checkpoint, strip_prefixes,
+                                  timm_pretrained, torchvision_state_dict)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -152,151 +141,6 @@ class FeatureMobileNetV1(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# weights: offline-first
-
-def offline_requested() -> bool:
-    """``HF_HUB_OFFLINE`` is this project's switch for runs without network; ``REPRO_OFFLINE`` says it for every hub."""
-    return any(os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
-               for name in ("HF_HUB_OFFLINE", "REPRO_OFFLINE"))
-
-
-def host_reachable(host: str, port: int = 443, timeout_s: float = _PROBE_TIMEOUT_S) -> bool:
-    """One TCP connect, name lookup included, bounded by ``timeout_s`` (a lookup alone can hang far longer)."""
-    outcome: list[bool] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout_s).close()
-            outcome.append(True)
-        except OSError:
-            outcome.append(False)
-
-    worker = threading.Thread(target=probe, daemon=True)
-    worker.start()
-    worker.join(timeout_s)
-    return bool(outcome and outcome[0])
-
-
-def cached_hub_file(url: str) -> Path:
-    """Where ``torch.hub.load_state_dict_from_url`` keeps (or would keep) the file of ``url``."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
-
-
-def _check_hash_prefix(path: Path) -> None:
-    """torchvision file names end in the first hex digits of the file's sha256 (``resnet18-f37072fd.pth``)."""
-    match = re.search(r"-([a-f0-9]{6,})\.", path.name)
-    if not match:
-        return
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    if not digest.hexdigest().startswith(match.group(1)):
-        raise ReproError(f"cached weights {path} are corrupt (sha256 does not start with {match.group(1)}); "
-                         f"delete the file and fetch it again")
-
-
-def torchvision_state_dict(weights: WeightsEnum) -> dict[str, Tensor]:
-    """The state dict of torchvision ``weights`` from the local torch.hub cache, downloading only when online."""
-    url = weights.url
-    path = cached_hub_file(url)
-    if not path.is_file():
-        host = urlparse(url).hostname or "download.pytorch.org"
-        if offline_requested() or not host_reachable(host):
-            why = "offline mode is set (HF_HUB_OFFLINE/REPRO_OFFLINE)" if offline_requested() else f"{host} is unreachable"
-            raise ReproError(f"pretrained weights {weights} are not in the local cache ({path}) and {why}; "
-                             f"put the file there (from {url}) or pass checkpoint=<local file>")
-        try:
-            torch.hub.load_state_dict_from_url(url, progress=False, check_hash=True)
-        except Exception as err:  # network, disk and hash errors all mean "no weights" to the user
-            raise ReproError(f"downloading {url} failed: {type(err).__name__}: {err}") from None
-    _check_hash_prefix(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ReproError(f"cached weights {path} could not be read: {type(err).__name__}: {err}") from None
-
-
-def _read_checkpoint(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        pass
-    try:  # torchdistill / mdistiller checkpoints pickle their argparse namespace; the user named this local file
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise ReproError(f"checkpoint {path} could not be read: {type(err).__name__}: {err}") from None
-
-
-def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, Tensor) for v in obj.values())
-
-
-def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
-    for _ in range(4):  # trainers nest the weights at most a few levels deep
-        if _is_state_dict(obj):
-            break
-        inner = next((obj[k] for k in _CONTAINER_KEYS if isinstance(obj, dict) and isinstance(obj.get(k), dict)), None)
-        if inner is None:
-            break
-        obj = inner
-    if not _is_state_dict(obj):
-        keys = sorted(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
-        raise ReproError(f"checkpoint {path} holds no state dict of tensors (top-level keys: {keys})")
-    return dict(obj)
-
-
-def _strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    for prefix in _KEY_PREFIXES:
-        if state and all(k.startswith(prefix) for k in state):
-            return _strip_prefixes({k[len(prefix):]: v for k, v in state.items()})
-    return state
-
-
-def load_weights(net: nn.Module, state: dict[str, Tensor], source: str) -> None:
-    """Load ``state`` into ``net``: every weight must be there with its shape, and nothing else.
-
-    A classifier of another class count (a 1000-class file into a 10-class model) is left at its initialisation,
-    with a warning, as fine-tuning scripts do. Missing BatchNorm ``num_batches_tracked`` counters (old torchvision
-    files) are filled in by BatchNorm itself.
-    """
-    own = net.state_dict()
-    state = _strip_prefixes(state)
-    wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    heads = [k for k in wrong if k.startswith(_CLASSIFIER_PREFIXES)]
-    wrong = [k for k in wrong if k not in heads]
-    if wrong:
-        details = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:4])
-        raise ReproError(f"{source} does not fit the model ({len(wrong)} shape mismatches: {details})")
-    unexpected = sorted(k for k in state if k not in own)
-    if unexpected:
-        raise ReproError(f"{source} does not fit the model: {len(unexpected)} weights the model does not have, "
-                         f"e.g. {unexpected[:4]} (another architecture?)")
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")
-               and not k.startswith(_CLASSIFIER_PREFIXES)]
-    if missing:
-        raise ReproError(f"{source} does not fit the model: {len(missing)} weights missing, e.g. {missing[:4]}")
-    net.load_state_dict({k: v for k, v in state.items() if k not in heads}, strict=False)
-    if heads or any(k.startswith(_CLASSIFIER_PREFIXES) and k not in state for k in own):
-        warnings.warn(f"{source}: classifier left at its initialisation (absent or of another class count)",
-                      stacklevel=3)
-
-
-def load_checkpoint_file(net: nn.Module, checkpoint: str | os.PathLike) -> None:
-    path = Path(checkpoint).expanduser()
-    if not path.is_file():
-        raise ReproError(f"checkpoint file not found: {path}")
-    load_weights(net, _unwrap(_read_checkpoint(path), path), f"checkpoint {path}")
-
-
-def _reject_both(name: str, pretrained: bool, checkpoint: Optional[str]) -> None:
-    if pretrained and checkpoint:
-        raise ReproError(f"{name}: give either pretrained=True or checkpoint=..., not both")
-    if checkpoint and not Path(checkpoint).expanduser().is_file():  # fail before building a large model
-        raise ReproError(f"checkpoint file not found for {name}: {checkpoint}")
-
-
-# ----------------------------------------------------------------------------------------------------------
 # factories
 
 _TV_RESNETS: dict[str, tuple[type[nn.Module], list[int], WeightsEnum]] = {
@@ -313,31 +157,32 @@ def build_tv_resnet(name: str, num_classes: int = 1000, pretrained: bool = False
     """A torchvision ImageNet ResNet by registry name (``tv_resnet18`` ... ``tv_resnet152``)."""
     if name not in _TV_RESNETS:
         raise ReproError(f"unknown torchvision ResNet {name!r}; known: {', '.join(_TV_RESNETS)}")
-    _reject_both(name, pretrained, checkpoint)
+    check_weight_args(name, pretrained, checkpoint)
     block, layers, weights = _TV_RESNETS[name]
     model = FeatureResNet(block, layers, num_classes=num_classes)
     if pretrained:
-        load_weights(model, torchvision_state_dict(weights), f"torchvision weights {weights}")
+        state = strip_prefixes(torchvision_state_dict(weights), model.state_dict().keys())
+        fit_state_dict(model, state, f"torchvision weights {weights}", strict=False)
     elif checkpoint:
-        load_checkpoint_file(model, checkpoint)
+        load_checkpoint(model, checkpoint)
     return model
 
 
 def build_mobilenet_v1(num_classes: int = 1000, pretrained: bool = False, checkpoint: Optional[str] = None,
                        act_layer: str = "relu", **timm_kwargs: Any) -> FeatureMobileNetV1:
     """MobileNet-V1 1.0 from timm's ``mobilenetv1_100`` definition (ReLU by default, see the module docstring)."""
-    _reject_both("mobilenet_v1", pretrained, checkpoint)
+    check_weight_args("mobilenet_v1", pretrained, checkpoint)
     kwargs = dict(num_classes=num_classes, act_layer=act_layer, **timm_kwargs)
     if pretrained:
         if act_layer != "relu6":
             raise ReproError("mobilenet_v1: timm's pretrained MobileNet-V1 weights were trained with ReLU6; "
                              "pass act_layer='relu6' with pretrained=True (or a ReLU checkpoint=<local file>)")
-        net = _create_pretrained("mobilenetv1_100.ra4_e3600_r224_in1k", **kwargs)
+        net = timm_pretrained("mobilenetv1_100.ra4_e3600_r224_in1k", **kwargs)
     else:
         net = timm.create_model("mobilenetv1_100", **kwargs)
     model = FeatureMobileNetV1(net)
     if checkpoint:
-        load_checkpoint_file(net, checkpoint)  # timm keys; this wrapper's own "net." prefix is stripped
+        load_checkpoint(net, checkpoint)  # timm keys; this wrapper's own "net." prefix is stripped
     return model
 
 

@@ -5,14 +5,13 @@ DeiT distils its students from RegNetY-16GF through the dist token (hard labels,
 regnety_160``); the weights DeiT trained are timm's ``regnety_160.deit_in1k`` (also
 ``https://dl.fbaipublicfiles.com/deit/regnety_160-a5fe301d.pth``). As for the ViTs, nothing is fetched unless
 ``pretrained=True`` and the hub (or the local Hugging Face cache) has them; ``checkpoint=<local file>`` is the
-offline path.
+offline path, loaded strictly (``repro.models.weights``: every weight, classifier included, must fit).
 
 Feature contract: ``model(x, is_feat=True)`` returns ``(stage outputs + [pooled vector], logits)``; timm's
 stages end in their activation, so ``preact`` is ignored (no pre-activation features).
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import timm
@@ -22,7 +21,7 @@ from torch import Tensor
 
 from repro.errors import ReproError
 from repro.models import register_model
-from repro.models.vit import _create_pretrained
+from repro.models.weights import check_weight_args, load_checkpoint, timm_pretrained
 
 
 class TimmCNN(nn.Module):
@@ -41,29 +40,17 @@ class TimmCNN(nn.Module):
         return [*stages, pooled], self.net.forward_head(final)
 
 
-def _load_checkpoint(net: nn.Module, checkpoint: str) -> None:
-    path = Path(checkpoint).expanduser()
-    if not path.is_file():
-        raise ReproError(f"checkpoint file not found: {path}")
-    try:
-        timm.models.load_checkpoint(net, str(path), use_ema=False, strict=True)
-    except Exception as err:  # unreadable file, missing keys, shape mismatches: one message naming the file
-        raise ReproError(f"checkpoint {path} does not fit {type(net).__name__}: {type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''}") from None
-
-
 def build_timm_cnn(timm_name: str, num_classes: int, pretrained: bool = False, checkpoint: Optional[str] = None,
                    drop_path_rate: float = 0.0, **timm_kwargs: Any) -> TimmCNN:
     """A timm CNN by name (``regnety_160.deit_in1k``), wrapped; weights from the hub cache or a local file."""
-    if pretrained and checkpoint:
-        raise ReproError(f"{timm_name}: give either pretrained=True or checkpoint=..., not both")
+    check_weight_args(timm_name, pretrained, checkpoint)
     kwargs = dict(num_classes=num_classes, drop_path_rate=drop_path_rate, **timm_kwargs)
     try:
-        net = _create_pretrained(timm_name, **kwargs) if pretrained else timm.create_model(timm_name, **kwargs)
+        net = timm_pretrained(timm_name, **kwargs) if pretrained else timm.create_model(timm_name, **kwargs)
     except RuntimeError as err:  # timm's "Unknown model" and bad-argument errors
         raise ReproError(f"timm could not build {timm_name!r}: {err}") from None
     if checkpoint:
-        _load_checkpoint(net, checkpoint)
+        load_checkpoint(net, checkpoint, strict=True)  # a teacher: the file must be exactly the network
     return TimmCNN(net)
 
 
@@ -90,5 +77,5 @@ def regnety_smoke(num_classes: int = 10, checkpoint: Optional[str] = None, pretr
         raise ReproError("regnety_smoke has no pretrained weights; pass checkpoint=<local file>")
     net = RegNet(_SMOKE_REGNETY, num_classes=num_classes, drop_path_rate=drop_path_rate)
     if checkpoint:
-        _load_checkpoint(net, checkpoint)
+        load_checkpoint(net, checkpoint, strict=True)  # a teacher: the file must be exactly the network
     return TimmCNN(net)

@@ -28,7 +28,8 @@ from timm.models.xcit import checkpoint_filter_fn as xcit_filter_fn
 
 from repro.errors import ReproError
 from repro.models import register_model
-from repro.models.vit import TimmViT, _create_pretrained, load_vit_checkpoint
+from repro.models.vit import TimmViT
+from repro.models.weights import check_weight_args, load_checkpoint, timm_pretrained
 
 
 class TimmXCiT(TimmViT):
@@ -74,24 +75,18 @@ def build_timm_xcit(timm_name: str, num_classes: int, pretrained: bool = False, 
                     checkpoint_key: Optional[str] = None, drop_path_rate: float = 0.0, distilled: bool = False,
                     img_size: Optional[int] = None, **timm_kwargs: Any) -> TimmXCiT:
     """A timm XCiT by name (``xcit_tiny_12_p16_224``, ``xcit_small_12_p16_224.fb_dist_in1k``, ...), wrapped."""
-    if pretrained and checkpoint:
-        raise ReproError(f"{timm_name}: give either pretrained=True or checkpoint=..., not both")
+    check_weight_args(timm_name, pretrained, checkpoint)
     kwargs = dict(num_classes=num_classes, drop_path_rate=drop_path_rate, **timm_kwargs)
     if img_size is not None:
         kwargs["img_size"] = img_size
-    if checkpoint:
-        from pathlib import Path
-
-        if not Path(checkpoint).expanduser().is_file():  # fail before building a large model
-            raise ReproError(f"checkpoint file not found for {timm_name}: {checkpoint}")
     try:
-        model = _create_pretrained(timm_name, **kwargs) if pretrained else timm.create_model(timm_name, **kwargs)
+        model = timm_pretrained(timm_name, **kwargs) if pretrained else timm.create_model(timm_name, **kwargs)
     except RuntimeError as err:
         raise ReproError(f"timm could not build {timm_name!r}: {err}") from None
     if not isinstance(model, Xcit):
         raise ReproError(f"{timm_name!r} is a {type(model).__name__}, not a timm Xcit")
     if checkpoint:
-        load_vit_checkpoint(model, checkpoint, checkpoint_key, filter_fn=xcit_filter_fn)
+        load_checkpoint(model, checkpoint, checkpoint_key=checkpoint_key, filter_fn=xcit_filter_fn)
     return TimmXCiT(model, distilled)
 
 
@@ -151,7 +146,7 @@ def build_smoke_xcit(arch: dict[str, int], num_classes: int, distilled: bool = F
     model = Xcit(img_size=img_size, patch_size=patch_size, num_classes=num_classes, mlp_ratio=4.0, qkv_bias=True,
                  drop_path_rate=drop_path_rate, eta=1.0, tokens_norm=True, **arch)
     if checkpoint:
-        load_vit_checkpoint(model, checkpoint, checkpoint_key, filter_fn=xcit_filter_fn)
+        load_checkpoint(model, checkpoint, checkpoint_key=checkpoint_key, filter_fn=xcit_filter_fn)
     return TimmXCiT(model, distilled)
 
 

@@ -9,10 +9,10 @@ import pandas as pd
 from tabulate import tabulate
 
 from repro.compare import VERDICT_RULE, CellResult
+from repro.core.io import atomic_write_bytes
 from repro.plan import Plan
 from repro.provenance import git_commit, library_versions
 from repro.spec import Spec, spec_display_path
-from repro.store import atomic_write_bytes
 
 CSV_COLUMNS = ["table", "spec", "teacher", "student", "method", "reported_mean", "reported_std", "reported_n",
                "reported_protocol", "reported_status", "reported_source", "confidence", "reported_note",

@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from repro.core.io import atomic_write_text, read_checkpoint, unwrap_state_dict
 from repro.errors import ReproError
 from repro.registry import Registry
 from repro.ssta.attention import AttentionCapture, attention_modules, block_attention, depth, unwrap_vit
@@ -202,14 +203,8 @@ def load_linear_probe(path: str | os.PathLike, n_last_blocks: int = 1, avgpool: 
     file = Path(path).expanduser()
     if not file.is_file():
         raise ReproError(f"linear probe file not found: {file}")
-    try:
-        raw = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ReproError(f"linear probe {file} could not be read: {type(err).__name__}: {err}") from None
-    while isinstance(raw, dict) and isinstance(raw.get("state_dict", raw.get("model")), dict):
-        raw = raw.get("state_dict", raw.get("model"))
-    weights = {k: v for k, v in (raw.items() if isinstance(raw, dict) else ())
-               if k.endswith("weight") and isinstance(v, Tensor) and v.ndim == 2}
+    raw = unwrap_state_dict(read_checkpoint(file), file)
+    weights = {k: v for k, v in raw.items() if k.endswith("weight") and v.ndim == 2}
     if len(weights) != 1:
         raise ReproError(f"linear probe {file} must hold exactly one 2-D weight, found {sorted(weights) or 'none'}")
     (name, weight), = weights.items()
@@ -526,9 +521,6 @@ def select_heads_cached(cache_dir: str | os.PathLike, model: nn.Module, rule: st
         except (ValueError, KeyError, TypeError) as err:
             raise ReproError(f"head-selection cache file {path} is corrupt ({err}); delete it") from None
     selection = select_heads(model, rule, batches, **options)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"fingerprint": fingerprint, "config": config,
-                               "selection": selection.to_json()}, indent=1, default=str))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps({"fingerprint": fingerprint, "config": config,
+                                        "selection": selection.to_json()}, indent=1, default=str))
     return selection
