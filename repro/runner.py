@@ -179,9 +179,9 @@ def run_line(run: PlannedRun, status: str, result: dict[str, Any]) -> str:
     seconds = f"  {result['wall_time_s']:.0f} s" if result.get("wall_time_s") is not None else ""
     if status == "failed":
         return f"{head}{seconds}: {result.get('reason')}"
-    top1 = "" if result.get("last_top1") is None else \
-        f"  top-1 {result['last_top1']:.2f} (best {result['best_top1']:.2f})"
-    return f"{head}{top1}{seconds}"
+    top1 = "" if result.get("last_top1") is None else f"  top-1 {result['last_top1']:.2f}"
+    best = "" if result.get("best_top1") is None or not top1 else f" (best {result['best_top1']:.2f})"
+    return f"{head}{top1}{best}{seconds}"
 
 
 SETTLED = ("done", "cached", "failed", "blocked")  # the ExecutionSummary buckets
