@@ -8,14 +8,15 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 TIER ?= full
 SEEDS ?=
 NPROC ?= 1
-JOBS ?= 1
+# Runs at once. Empty: on a CPU independent runs side by side, one per core; on a GPU one. JOBS=1: one at a time.
+JOBS ?=
 EXECUTOR ?= local
 REPRO = $(PY) -m repro
 # One intra-op thread per process on CPU: on a shared 2-core machine two threads per process were measured up to
 # ~10x slower (they wait on each other whenever anything else runs). GPU runs are unaffected. Override freely.
 export OMP_NUM_THREADS ?= 1
 RUN_ARGS = --tier $(TIER) $(if $(SEEDS),--seeds $(SEEDS),) $(if $(filter-out 1,$(NPROC)),--nproc $(NPROC),) \
-	$(if $(filter-out 1,$(JOBS)),--jobs $(JOBS),) $(if $(filter-out local,$(EXECUTOR)),--executor $(EXECUTOR),)
+	$(if $(JOBS),--jobs $(JOBS),) $(if $(filter-out local,$(EXECUTOR)),--executor $(EXECUTOR),)
 
 .PHONY: help install test smoke figures bench teachers schema clean-smoke
 help:
@@ -24,7 +25,8 @@ help:
 	@echo "make table-wttm-cifar100 TIER=smoke  run + render tables/wttm-cifar100.md (TIER=smoke|proxy|full, SEEDS=n)"
 	@echo "make table-<output>                  any output: wttm-cifar100, wttm-imagenet, ssta, ...  (repro specs)"
 	@echo "     ... NPROC=2                     each run on 2 processes (torchrun + DDP; the global batch is kept)"
-	@echo "     ... JOBS=4 | EXECUTOR=slurm     4 runs at once on this machine | one Slurm job per run (submitit)"
+	@echo "     ... JOBS=1 | JOBS=4             one run at a time | 4 at once (default on a CPU: one per core; GPU: 1)"
+	@echo "     ... EXECUTOR=slurm              one Slurm job per run (submitit)"
 	@echo "make smoke                           every spec at the smoke tier (the CI smoke reproduction)"
 	@echo "make figures TIER=smoke              render figures/ (running the smoke runs they need)"
 	@echo "make bench                           KD training throughput: reference vs fast paths"

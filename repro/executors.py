@@ -1,24 +1,31 @@
 """Where runs execute: in this process (the default), as concurrent local jobs, or as Slurm jobs.
 
-- ``--executor local`` (default), ``--jobs 1``: runs one after another in this process; ``--nproc N`` re-launches
-  the command under torchrun so that each run trains on N processes (``repro.distributed``).
-- ``--executor local --jobs N``: up to N runs at once on this machine, each a submitit local job with its own
-  device(s) (``--nproc`` each) or, on CPU, its share of the cores.
+- ``--executor local`` (default) without ``--jobs``: on a CPU, independent runs side by side, one per core (never
+  more than there are runs left to train), in worker processes of this machine; on a GPU (or with ``--nproc N``),
+  one run at a time as below. ``$REPRO_JOBS`` stands in for a missing ``--jobs``.
+- ``--jobs 1``: runs one after another in this process; ``--nproc N`` re-launches the command under torchrun so
+  that each run trains on N processes (``repro.distributed``).
+- ``--jobs N``: up to N runs at once on this machine: on a CPU in worker processes with their share of the cores
+  (each process imports torch once and trains run after run), on GPUs (or with ``--nproc``) each run a submitit
+  local job with its own device(s).
 - ``--executor slurm``: each run a Slurm job submitted through submitit (partition, GPUs, CPUs, time limit,
   account from the command line or a YAML config file). A job that is preempted or reaches its time limit is
   requeued by submitit and resumes from the run's last checkpoint; a job that dies without a word (node failure,
   SIGKILL) is resubmitted by the driver a few times, and resumes the same way.
 
-The driver submits a run once its dependencies are done, so dependants wait for their teachers. Every job claims its
-run's lock before training (``repro.runner.run_claimed``): several drivers, or a driver and a plain ``repro run``,
-on the same store never train a run twice.
+The driver (``JobScheduler``) submits a run once its dependencies are done, so dependants wait for their teachers;
+its bookkeeping is ``repro.runner.RunStates``, the same state machine the in-process loop drives. Every job claims
+its run's lock before training (``repro.runner.run_claimed``): several drivers, or a driver and a plain
+``repro run``, on the same store never train a run twice.
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import socket
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
@@ -26,7 +33,6 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 import submitit
 import yaml
 from submitit.core.utils import UncompletedJobError
-from tqdm import tqdm
 
 from repro.errors import ReproError
 
@@ -35,10 +41,11 @@ if TYPE_CHECKING:  # the command line imports this module for its flags: torch a
 
     from repro.distributed import ScaleOptions
     from repro.plan import Plan, PlannedRun
-    from repro.runner import ExecutionSummary
+    from repro.runner import ExecutionSummary, RunStates
     from repro.store import RunStore
 
 SLURM_CONFIG_ENV = "REPRO_SLURM_CONFIG"
+JOBS_ENV = "REPRO_JOBS"  # --jobs when the flag is not given
 DEFAULT_SLURM_CONFIG = Path("~/.config/repro/slurm.yaml")
 # Config-file keys -> SlurmExecutor parameters (command-line flags override them).
 SLURM_KEYS = {"partition": "partition", "gpus": "gpus_per_node", "cpus": "cpus_per_task", "time": "time",
@@ -65,7 +72,8 @@ def add_scaleout_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--executor", choices=["local", "slurm"], default="local",
                        help="local: this machine; slurm: one Slurm job per run (submitit)")
     group.add_argument("--jobs", type=int, default=None,
-                       help="runs at once (local default 1; slurm default: every run that is ready)")
+                       help=f"runs at once (default ${JOBS_ENV}, else: on a CPU one per core, on a GPU 1; "
+                            f"slurm: every run that is ready); 1: one after another in this process")
     group.add_argument("--slurm-config", default=None,
                        help=f"YAML with partition/gpus/cpus/time/account/... (default ${SLURM_CONFIG_ENV} or "
                             f"{DEFAULT_SLURM_CONFIG})")
@@ -85,8 +93,31 @@ def scale_options(args: argparse.Namespace) -> ScaleOptions:
                         rescale_batch=getattr(args, "rescale_batch", False))
 
 
+def requested_jobs(args: argparse.Namespace) -> Optional[int]:
+    """``--jobs``, else ``$REPRO_JOBS``, else None (the default: ``default_jobs``)."""
+    jobs = getattr(args, "jobs", None)
+    if jobs is None and os.environ.get(JOBS_ENV, "").strip():
+        text = os.environ[JOBS_ENV].strip()
+        if not text.isdigit():
+            raise ReproError(f"${JOBS_ENV} must be a number of runs at once, got {text!r}")
+        jobs = int(text)
+    if jobs is not None and jobs < 1:
+        raise ReproError(f"--jobs must be at least 1, got {jobs}")
+    return jobs
+
+
+def default_jobs(device: Optional[torch.device], unfinished: int, nproc: int = 1) -> int:
+    """Runs side by side when none is asked for. On a CPU: one per core (each with one torch thread; more threads
+    per process were measured slower than more processes), never more than the runs left to train. On a GPU: one
+    at a time, as before (``--jobs N`` gives N runs their own devices); likewise with ``--nproc`` (a run already
+    spans N processes) and inside a torchrun launch."""
+    if device is None or device.type != "cpu" or nproc > 1 or "RANK" in os.environ:
+        return 1
+    return max(1, min(os.cpu_count() or 1, unfinished))
+
+
 def _uses_torchrun(args: argparse.Namespace) -> bool:
-    return getattr(args, "executor", "local") == "local" and (getattr(args, "jobs", None) or 1) == 1
+    return getattr(args, "executor", "local") == "local" and (requested_jobs(args) or 1) == 1
 
 
 def prepare(args: argparse.Namespace, argv: Sequence[str]) -> Optional[int]:
@@ -95,9 +126,7 @@ def prepare(args: argparse.Namespace, argv: Sequence[str]) -> Optional[int]:
     nproc = getattr(args, "nproc", 1)
     if nproc < 1:
         raise ReproError(f"--nproc must be at least 1, got {nproc}")
-    jobs = getattr(args, "jobs", None)
-    if jobs is not None and jobs < 1:
-        raise ReproError(f"--jobs must be at least 1, got {jobs}")
+    requested_jobs(args)  # a bad --jobs / $REPRO_JOBS is refused before anything starts
     if nproc == 1 and "RANK" not in os.environ:
         return None  # neither launching nor launched: no need to load torch here
     from repro import distributed
@@ -117,20 +146,27 @@ def runs_elsewhere(args: argparse.Namespace) -> bool:
 
 def execute_with_args(plan: Plan, store: RunStore, device: Optional[torch.device],
                       args: argparse.Namespace) -> ExecutionSummary:
-    """``repro run``'s execution: in this process (group), or through the chosen executor's jobs.
+    """``repro run``'s execution: in this process (group), in worker processes, or through the chosen executor's
+    jobs (``--jobs``, ``default_jobs``); says which, and the summary says how many runs ran at once.
 
     ``device``: this machine's resolved ``--device`` (None when the runs execute elsewhere). Jobs get the
     unresolved ``--device`` and resolve it themselves: ``auto`` on a GPU node is its GPU, whatever the driver has.
     """
-    from repro.runner import execute
+    from repro.runner import RunStates, execute
 
     options = scale_options(args)
     progress = not getattr(args, "no_progress", False)
     retry = getattr(args, "retry_failed", False)
-    if _uses_torchrun(args):
+    jobs = requested_jobs(args)
+    if jobs is None and not runs_elsewhere(args):
+        jobs = default_jobs(device, RunStates(plan.ordered(), store, retry).unfinished(), getattr(args, "nproc", 1))
+    if getattr(args, "executor", "local") == "local" and jobs == 1:
         assert device is not None
         return execute(plan, store, device, progress=progress, retry_failed=retry, options=options)
-    submitter = make_submitter(args, store, device)
+    submitter = make_submitter(argparse.Namespace(**{**vars(args), "jobs": jobs}), store, device)
+    if submitter.kind == "workers":
+        print(f"running up to {submitter.slots} runs side by side in worker processes ({submitter.threads} torch "
+              f"thread(s) each); --jobs 1 (make JOBS=1): one at a time in this process")
     return JobScheduler(plan, store, submitter, options, device_spec=getattr(args, "device", "auto"),
                         retry_failed=retry, progress=progress).run()
 
@@ -141,9 +177,9 @@ class RunJob(submitit.helpers.Checkpointable):
     the trainer's own epoch checkpoint is the state, so the requeued job simply claims the run again and resumes."""
 
     def __init__(self, store_root: str, run: PlannedRun, device_spec: str, options: ScaleOptions,
-                 threads: Optional[int] = None, retry_failed: bool = False) -> None:
+                 threads: Optional[int] = None, retry_failed: bool = False, workers: Optional[int] = None) -> None:
         self.store_root, self.run, self.device_spec = store_root, run, device_spec
-        self.options, self.threads, self.retry_failed = options, threads, retry_failed
+        self.options, self.threads, self.retry_failed, self.workers = options, threads, retry_failed, workers
 
     def __call__(self) -> dict[str, Any]:
         from repro.numerics import set_cublas_workspace
@@ -155,14 +191,14 @@ class RunJob(submitit.helpers.Checkpointable):
         from repro.runner import run_claimed
         from repro.store import RunStore
 
-        if submitit.JobEnvironment().num_tasks > 1:  # one task per process of the run
+        if _job_tasks() > 1:  # one task per process of the run
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
             distributed.init_from_env(want_cuda=self.device_spec != "cpu", quiet_workers=False)
         if self.threads:
             torch.set_num_threads(self.threads)
         try:
             status = run_claimed(self.run, RunStore(Path(self.store_root)), self._device(), progress=False,
-                                 options=self.options, retry_failed=self.retry_failed)
+                                 options=self.options, retry_failed=self.retry_failed, workers=self.workers)
             return {"status": status}
         except ReproError as err:  # bad input: reported by the driver, which then stops submitting
             return {"status": "error", "message": str(err)}
@@ -184,11 +220,19 @@ class RunJob(submitit.helpers.Checkpointable):
         return distributed.visible_cuda_device(distributed.current().local_rank)
 
 
+def _job_tasks() -> int:
+    """Processes of this run: its submitit job's tasks; 1 in a worker process of this machine (no submitit job)."""
+    try:
+        return submitit.JobEnvironment().num_tasks
+    except RuntimeError:  # not inside a submitit job
+        return 1
+
+
 # -- submitting ------------------------------------------------------------------------------------------------
 @dataclass
 class Submitter:
-    """Makes one submitit job per run: ``submit(job, gpu_ids)``; ``slots``: runs at once; ``gpus``: devices to
-    share out (empty: the executor's own business, or CPU)."""
+    """Makes one job per run: ``submit(job, gpu_ids)``; ``kind``: workers, local or slurm; ``slots``: runs at
+    once; ``gpus``: devices to share out (empty: the executor's own business, or CPU)."""
 
     kind: str
     submit: Callable[[RunJob, list[int]], Any]
@@ -204,8 +248,74 @@ def make_submitter(args: argparse.Namespace, store: RunStore, device: Optional[t
     nproc = getattr(args, "nproc", 1)
     if args.executor == "slurm":
         return _slurm_submitter(args, folder, nproc)
-    return local_submitter(folder, jobs=args.jobs or 1, nproc=nproc,
-                           use_cuda=device is not None and device.type == "cuda")
+    use_cuda = device is not None and device.type == "cuda"
+    if not use_cuda and nproc == 1:
+        return worker_submitter(args.jobs or 1)
+    return local_submitter(folder, jobs=args.jobs or 1, nproc=nproc, use_cuda=use_cuda)
+
+
+def worker_submitter(jobs: int) -> Submitter:
+    """Up to ``jobs`` runs at once in worker processes of this machine (CPU), the cores shared out between them.
+
+    A worker imports torch once and trains run after run (a submitit job per run would pay that, seconds of CPU,
+    for every run). Workers are spawned, never forked: a fork after torch's OpenMP pool has run hangs the child."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+
+    def submit(job: RunJob, gpu_ids: list[int]) -> Any:
+        return _WorkerJob(_worker_pool(jobs).submit(job))
+
+    return Submitter("workers", submit, jobs, threads=threads)
+
+
+_POOL: dict[str, Any] = {}
+
+
+def _worker_pool(jobs: int) -> ProcessPoolExecutor:
+    """The worker processes of this command, shared by its plans (``repro table`` runs several). A worker copies
+    the environment and working folder it was started in, so a change of either (tests, or library use that
+    calls ``repro.cli.main`` more than once) gets fresh workers; so does a request for more of them."""
+    key = (tuple(sorted(os.environ.items())), os.getcwd())
+    pool = _POOL.get("pool")
+    if pool is None or _POOL["key"] != key or _POOL["size"] < jobs:
+        if pool is not None:
+            pool.shutdown(wait=True)
+        size = max(jobs, os.cpu_count() or 1)  # processes start on demand: only as many as run at once
+        pool = ProcessPoolExecutor(size, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_exit_with_driver, initargs=(os.getpid(),))
+        _POOL.update(pool=pool, key=key, size=size)
+    return pool
+
+
+def _exit_with_driver(driver_pid: int) -> None:
+    """In each worker: end with the driver, as an in-process run would. A killed driver's workers would otherwise
+    finish their runs and wait forever; ending mid-run leaves a checkpoint and a lock whose holder is dead, so the
+    next command resumes the run."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == driver_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-driver", daemon=True).start()
+
+
+class _WorkerJob:
+    """A worker process's run, as the scheduler sees a job."""
+
+    job_id = "worker"
+
+    def __init__(self, future: Future) -> None:
+        self.future = future
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def results(self) -> list[Any]:
+        return [self.future.result()]
+
+    def cancel(self, check: bool = False) -> None:
+        self.future.cancel()  # a run in progress stops with the Ctrl-C its worker received too
 
 
 def local_submitter(folder: Path, jobs: int, nproc: int = 1, use_cuda: bool = False) -> Submitter:
@@ -293,66 +403,52 @@ class _Active:
 
 
 class JobScheduler:
-    """Submits every pending run of a plan as a job once its dependencies are done, and collects the outcomes."""
+    """Submits every pending run of a plan as a job once its dependencies are done, and collects the outcomes;
+    ``RunStates`` keeps the books (which runs are ready, waited for, done, failed, blocked)."""
 
     def __init__(self, plan: Plan, store: RunStore, submitter: Submitter, options: ScaleOptions,
                  device_spec: str = "cpu", retry_failed: bool = False, progress: bool = True,
                  poll_s: float = 1.0) -> None:
-        from repro.runner import ExecutionSummary
+        from repro.runner import PlanProgress, RunStates
 
         self.plan, self.store, self.submitter, self.options = plan, store, submitter, options
-        self.device_spec, self.progress, self.poll_s = device_spec, progress, poll_s
-        self.pending = plan.ordered()
+        self.device_spec, self.poll_s = device_spec, poll_s
+        desc = f"{plan.spec.id} [{plan.tier}] ({submitter.kind})"
+        self.states: RunStates = RunStates(plan.ordered(), store, retry_failed,
+                                           PlanProgress(desc, len(plan.runs), progress))
         self.active: dict[str, _Active] = {}
         self.free_gpus = list(submitter.gpus)
-        self.summary = ExecutionSummary()
-        self.done: set[str] = set()
-        self.bad: set[str] = set()
         self.errors: list[str] = []
-        self.retry = {r.run_id: result for r in self.pending if retry_failed
-                      and (result := store.result(r.run_id)) is not None and result.get("status") == "failed"}
-        self.announced: set[str] = set()
+        self.most_at_once = 0
 
     def run(self) -> ExecutionSummary:
-        bar = tqdm(total=len(self.plan.runs), desc=f"{self.plan.spec.id} [{self.plan.tier}] ({self.submitter.kind})",
-                   unit="run", disable=not self.progress, mininterval=1.0)
         try:
-            while self.pending or self.active:
+            while self.states.pending:
                 self._collect()
                 if not self.errors:
                     self._submit_ready()
                 elif not self.active:
                     break
-                bar.n = len(self.plan.runs) - len(self.pending) - len(self.active)
-                bar.refresh()
-                if self.pending or self.active:
+                if self.states.pending:
                     time.sleep(self.poll_s)
         except KeyboardInterrupt:
             self._interrupted()
             raise
         finally:
-            bar.close()
+            self.states.close()
         if self.errors:
             raise ReproError(self.errors[0])
-        return self.summary
+        summary = self.states.summary
+        summary.workers = self.most_at_once
+        return summary
 
     # -- submitting ----------------------------------------------------------------------------------------------
     def _submit_ready(self) -> None:
-        for run in list(self.pending):
-            if self._settle_if_finished(run):
-                continue
-            if any(dep in self.bad for dep in run.deps):
-                self._settle(run, self.summary.blocked, bad=True)
-                continue
-            if not all(dep in self.done for dep in run.deps):
-                continue
+        for run in self.states.ready():
             lock = self.store.lock(run.run_id)
-            if lock.is_held_live():
-                self._announce_wait(run, lock.describe())
-                continue
-            queued = self._queued_elsewhere(run)
-            if queued:
-                self._announce_wait(run, queued)
+            holder = lock.describe() if lock.is_held_live() else self._queued_elsewhere(run)
+            if holder:
+                self.states.wait_for(run, holder)
                 continue
             if not self._has_slot():
                 return
@@ -378,13 +474,16 @@ class JobScheduler:
 
     def _submit(self, run: PlannedRun, resubmits: int = 0) -> None:
         gpus = [self.free_gpus.pop(0) for _ in range(self.submitter.gpus_per_run)] if self.submitter.gpus else []
+        here = self.submitter.kind != "slurm"  # a Slurm job's node runs it alone, as far as this driver knows
         job = self.submitter.submit(RunJob(str(self.store.root), run, self.device_spec, self.options,
-                                           self.submitter.threads, retry_failed=run.run_id in self.retry), gpus)
-        self.store.write_job(run.run_id, {"executor": self.submitter.kind, "job_id": str(job.job_id),
-                                          "submitted_at": time.time(), "driver": socket.gethostname()})
-        if run in self.pending:
-            self.pending.remove(run)
+                                           self.submitter.threads, retry_failed=run.run_id in self.states.retry,
+                                           workers=self.submitter.slots if here else None), gpus)
+        if self.submitter.kind != "workers":  # a worker process leaves nothing to find again; a job has its folder
+            self.store.write_job(run.run_id, {"executor": self.submitter.kind, "job_id": str(job.job_id),
+                                              "submitted_at": time.time(), "driver": socket.gethostname()})
+        self.states.start(run)
         self.active[run.run_id] = _Active(run, job, gpus, resubmits)
+        self.most_at_once = max(self.most_at_once, len(self.active))
 
     # -- collecting ----------------------------------------------------------------------------------------------
     def _collect(self) -> None:
@@ -400,56 +499,25 @@ class JobScheduler:
                 outcome = active.job.results()[0]  # rank 0's outcome (the tasks of one run agree)
             except UncompletedJobError:  # died without a result: killed, node failure
                 if active.resubmits < MAX_RESUBMITS:
-                    tqdm.write(f"job for run {run_id} ended without a result; resubmitting (resumes from checkpoint)")
+                    self.states.say(f"job for run {run_id} ended without a result; resubmitting (resumes from "
+                                    f"checkpoint)")
                     self._submit(active.run, active.resubmits + 1)
                     continue
                 outcome = {"status": "error", "message": f"run {run_id}: its job died {MAX_RESUBMITS + 1} times "
                                                          f"without a result; see {self.store.root / '.jobs'}"}
             except Exception as err:  # noqa: BLE001 - a crash inside the job: report it, stop submitting
+                lines = str(err).strip().splitlines() or [type(err).__name__]
                 outcome = {"status": "error", "message": f"run {run_id} ({active.run.label}) crashed in its job: "
-                                                         f"{str(err).strip().splitlines()[-1]}"}
+                                                         f"{lines[-1]}"}
             self._record(active.run, outcome)
 
     def _record(self, run: PlannedRun, outcome: dict[str, Any]) -> None:
         status = outcome.get("status")
-        if status == "done":
-            self._settle(run, self.summary.done, done=True)
-        elif status == "cached":
-            self._settle(run, self.summary.cached, done=True)
-        elif status == "failed":
-            self._settle(run, self.summary.failed, bad=True)
-            tqdm.write(f"run {run.run_id} failed: {(self.store.result(run.run_id) or {}).get('reason')}")
-        elif status == "busy":  # another process trains it: back to waiting for its result, in plan order
-            waiting = {r.run_id for r in self.pending} | {run.run_id}
-            self.pending = [r for r in self.plan.ordered() if r.run_id in waiting]
-        else:
-            self.bad.add(run.run_id)
+        if status in ("done", "cached", "failed", "busy"):
+            self.states.record(run, status)
+        else:  # bad input or a crash: reported, and nothing more is submitted
+            self.states.record(run, "busy")  # not settled: it has no result
             self.errors.append(outcome.get("message", f"run {run.run_id}: job error"))
-
-    def _settle_if_finished(self, run: PlannedRun) -> bool:
-        previous = self.store.result(run.run_id)
-        if previous is None or self.retry.get(run.run_id) == previous:
-            return False
-        if previous.get("status") == "done":
-            self._settle(run, self.summary.cached, done=True)
-        else:
-            self._settle(run, self.summary.failed, bad=True)
-        return True
-
-    def _settle(self, run: PlannedRun, bucket: list[str], done: bool = False, bad: bool = False) -> None:
-        bucket.append(run.run_id)
-        if run in self.pending:
-            self.pending.remove(run)
-        self.retry.pop(run.run_id, None)
-        if done:
-            self.done.add(run.run_id)
-        if bad:
-            self.bad.add(run.run_id)
-
-    def _announce_wait(self, run: PlannedRun, holder: str) -> None:
-        if run.run_id not in self.announced:
-            self.announced.add(run.run_id)
-            tqdm.write(f"run {run.run_id} ({run.label}) is being trained by {holder}; waiting for it")
 
     def _interrupted(self) -> None:
         if self.submitter.cancel_on_interrupt:

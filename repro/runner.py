@@ -7,14 +7,16 @@ dependants are skipped.
 
 Any number of processes (on one machine or sharing the store over a network filesystem) may execute the same plan
 at once: a run is trained only under its lock (``repro.locks``), so each run is trained exactly once and the
-others wait for it. Executors that spread runs over jobs (``repro.executors``) call ``run_claimed`` per run.
+others wait for it. ``RunStates`` is that bookkeeping, the one copy: this module's in-process loop (``execute``)
+and the executors that spread runs over worker processes or jobs (``repro.executors``, whose jobs call
+``run_claimed``) all drive it.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -38,6 +40,7 @@ class ExecutionSummary:
     cached: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
+    workers: int = 1  # the most runs that executed at once (1: one after another in this process)
 
 
 def load_run_model(store: RunStore, run_id: str, device: torch.device) -> tuple[nn.Module, str]:
@@ -116,8 +119,11 @@ def evaluate_checkpoint(config: dict[str, Any], device: torch.device) -> dict[st
 
 
 def execute_run(run: PlannedRun, store: RunStore, device: torch.device, progress: bool,
-                options: Optional[ScaleOptions] = None) -> dict[str, Any]:
-    """Train or evaluate one run and record its result. Every rank of a process group calls it; rank 0 writes."""
+                options: Optional[ScaleOptions] = None, workers: Optional[int] = 1) -> dict[str, Any]:
+    """Train or evaluate one run and record its result. Every rank of a process group calls it; rank 0 writes.
+
+    ``workers``: how many runs this machine ran side by side (1: one at a time; None: not this machine's to say,
+    a Slurm job), stamped with the torch threads of this run: its speed depends on both."""
     writer = distributed.is_main_process()
     if writer:
         store.write_config(run.run_id, run.config)
@@ -135,106 +141,191 @@ def execute_run(run: PlannedRun, store: RunStore, device: torch.device, progress
         extra = {**extra, "overrides": run.overrides}
     result = stamp({"run_id": run.run_id, "label": run.label, "status": status, "kind": run.config["kind"],
                     "tier": run.config["tier"], "seed": run.config.get("seed"), **fields, **extra,
+                    "workers": workers, "torch_threads": torch.get_num_threads(),
                     "wall_time_s": time.time() - started}, device)
     if writer:
         store.write_result(run.run_id, result)
     return result
 
 
-class Claims:
-    """Which run to train next, for one process among any number on the same store (rank 0 of a group decides).
+class PlanProgress:
+    """What a person watching a plan sees: one line per run that ends here (label, top-1, seconds; the reason when
+    it failed) and, only when the output is a terminal, one live bar for the whole plan. There is never a bar per
+    training step next to it: with several runs at once those redraw into hundreds of lines of a log."""
 
-    A run is trained only by the process holding its lock, and only if it has no result once the lock is held,
-    so two ``repro run`` invocations on one plan never train a run twice: each takes the next free run whose
-    dependencies are done and waits for runs another process is training. Failed results present at the start
-    are retried with ``retry_failed``; results that appear later (another process's) are taken as they are.
+    def __init__(self, desc: str, total: int, bar: bool = True) -> None:
+        self.total = total
+        # disable=None: tqdm draws only on a terminal; a CI log gets the plain lines alone.
+        self.bar = tqdm(total=total, desc=desc, unit="run", mininterval=1.0, disable=None if bar else True)
+
+    def say(self, line: str) -> None:
+        tqdm.write(line)  # above the bar, which is redrawn under it
+
+    def ended(self, settled: int, run: PlannedRun, status: str, result: Optional[dict[str, Any]]) -> None:
+        """A run settled; ``result`` is given for those that ran now (and blocked ones), which get their line."""
+        self.bar.n = settled
+        self.bar.refresh()
+        if result is not None:
+            self.say(f"[{settled}/{self.total}] {run_line(run, status, result)}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_line(run: PlannedRun, status: str, result: dict[str, Any]) -> str:
+    """``done    3f2a...  wrn_40_2->wrn_16_2 KD seed 0  top-1 71.20 (best 71.50)  42 s``."""
+    head = f"{status:7s} {run.run_id}  {run.label}"
+    if status == "blocked":
+        return f"{head}: a run it needs failed"
+    seconds = f"  {result['wall_time_s']:.0f} s" if result.get("wall_time_s") is not None else ""
+    if status == "failed":
+        return f"{head}{seconds}: {result.get('reason')}"
+    top1 = "" if result.get("last_top1") is None else f"  top-1 {result['last_top1']:.2f}"
+    best = "" if result.get("best_top1") is None or not top1 else f" (best {result['best_top1']:.2f})"
+    return f"{head}{top1}{best}{seconds}"
+
+
+SETTLED = ("done", "cached", "failed", "blocked")  # the ExecutionSummary buckets
+
+
+class RunStates:
+    """Which runs of a plan are pending, started, done or bad: the one claim/settle state machine that every engine
+    drives, for one process among any number on the same store (rank 0 of a group decides).
+
+    - ``execute`` (in this process) takes ``claim_next()`` and ``record``s what it trained;
+    - the job scheduler (``repro.executors``) submits ``ready()`` runs, marks them ``start``ed and ``record``s what
+      each job reports;
+    - each job (``run_claimed``) ``claim``s its one run.
+
+    A run is trained only by the process holding its lock, and only if it has no result once the lock is held, so
+    two drivers on one plan never train a run twice: each takes the next free run whose dependencies are done and
+    waits for runs another process is training. Failed results present at the start are retried with
+    ``retry_failed``; results that appear later (another process's) are taken as they are.
     """
 
-    def __init__(self, plan: Plan, store: RunStore, retry_failed: bool = False) -> None:
+    def __init__(self, runs: Sequence[PlannedRun], store: RunStore, retry_failed: bool = False,
+                 progress: Optional[PlanProgress] = None) -> None:
         self.store = store
-        self.pending = plan.ordered()
-        self.summary = ExecutionSummary()
-        self.done: set[str] = set()
-        self.bad: set[str] = set()
+        self.pending = list(runs)  # not settled yet (started ones included), in dependency order
+        self.started: set[str] = set()  # handed to a trainer or a job
+        self.settled: dict[str, str] = {}  # run id -> done | cached | failed | blocked, in the order they ended
         # Failed results to retry, as they were at the start: one that changes was re-run by another process.
         self.retry = {r.run_id: result for r in self.pending if retry_failed
                       and (result := store.result(r.run_id)) is not None and result.get("status") == "failed"}
         self.announced: set[str] = set()
+        self.progress = progress
 
-    def next(self) -> tuple[str, Optional[PlannedRun], Optional[RunLock]]:
-        """``("train", run, held lock)``, ``("wait", None, None)`` while others hold what is left, or
-        ``("finished", None, None)``."""
-        for run in list(self.pending):
-            if self._settle_if_finished(run):
-                continue
-            if any(dep in self.bad for dep in run.deps):
-                self._settle(run, self.summary.blocked, bad=True)
-                continue
-            if not all(dep in self.done for dep in run.deps):
-                continue  # a dependency is being trained elsewhere
-            lock = self.store.lock(run.run_id)
-            if not lock.try_acquire(note=run.label):
-                self._announce_wait(run, lock)
-                continue
-            if self._settle_if_finished(run):  # finished by another process between our look and our lock
-                lock.release()
-                continue
-            if self.store.result(run.run_id) is not None:
-                self.store.clear_result(run.run_id)
-            return "train", run, lock
-        return ("wait" if self.pending else "finished"), None, None
+    @property
+    def summary(self) -> ExecutionSummary:
+        return ExecutionSummary(**{bucket: [run_id for run_id, status in self.settled.items() if status == bucket]
+                                   for bucket in SETTLED})
 
-    def record(self, run: PlannedRun, result: dict[str, Any]) -> None:
-        """A run this process trained."""
-        if result["status"] == "done":
-            self._settle(run, self.summary.done, done=True)
-        else:
-            self._settle(run, self.summary.failed, bad=True)
-            tqdm.write(f"run {run.run_id} failed: {result.get('reason')}")
-
-    def _settle_if_finished(self, run: PlannedRun) -> bool:
+    def finished(self, run: PlannedRun) -> Optional[str]:
+        """``"cached"`` or ``"failed"`` when the run has a result to keep; None when it is to be trained."""
         previous = self.store.result(run.run_id)
         if previous is None or self.retry.get(run.run_id) == previous:
-            return False
-        if previous.get("status") == "done":
-            self._settle(run, self.summary.cached, done=True)
-        else:
-            self._settle(run, self.summary.failed, bad=True)
-        return True
+            return None
+        return "cached" if previous.get("status") == "done" else "failed"
 
-    def _settle(self, run: PlannedRun, bucket: list[str], done: bool = False, bad: bool = False) -> None:
-        bucket.append(run.run_id)
-        self.pending.remove(run)
-        self.retry.pop(run.run_id, None)
-        if done:
-            self.done.add(run.run_id)
-        if bad:
-            self.bad.add(run.run_id)
+    def unfinished(self) -> int:
+        """Runs still to train (what can usefully run side by side)."""
+        return sum(self.finished(run) is None for run in self.pending)
 
-    def _announce_wait(self, run: PlannedRun, lock: RunLock) -> None:
+    def ready(self) -> Iterator[PlannedRun]:
+        """Runs to start now: not started, unfinished, every dependency done. Runs found finished, and runs whose
+        dependency failed, are settled on the way."""
+        for run in list(self.pending):
+            if run.run_id in self.started:
+                continue
+            if (status := self.finished(run)) is not None:
+                self._settle(run, status)
+            elif any(self.settled.get(dep) in ("failed", "blocked") for dep in run.deps):
+                self._settle(run, "blocked")
+            elif all(self.settled.get(dep) in ("done", "cached") for dep in run.deps):
+                yield run
+            # else: a dependency is still being trained (here or elsewhere)
+
+    def claim(self, run: PlannedRun) -> Optional[RunLock]:
+        """Take ``run``'s lock to train it here. None when it turned out finished (it is settled) or another process
+        holds it (waited for)."""
+        if (status := self.finished(run)) is not None:
+            self._settle(run, status)
+            return None
+        lock = self.store.lock(run.run_id)
+        if not lock.try_acquire(note=run.label):
+            self.wait_for(run, lock.describe())
+            return None
+        if (status := self.finished(run)) is not None:  # finished by another process between our look and our lock
+            lock.release()
+            self._settle(run, status)
+            return None
+        self.store.clear_result(run.run_id)  # the failed result being retried, if any
+        self.started.add(run.run_id)
+        return lock
+
+    def claim_next(self) -> tuple[Optional[PlannedRun], Optional[RunLock]]:
+        """The next run to train here with its held lock, or ``(None, None)``: wait while ``pending``, else done."""
+        for run in self.ready():
+            if (lock := self.claim(run)) is not None:
+                return run, lock
+        return None, None
+
+    def start(self, run: PlannedRun) -> None:
+        """``run`` went to a job, which claims it itself."""
+        self.started.add(run.run_id)
+
+    def record(self, run: PlannedRun, status: str) -> None:
+        """What became of a started run: ``done``/``failed`` (trained), ``cached``/``failed`` (its job found it
+        finished) or ``busy`` (another process trains it: waited for again, in plan order)."""
+        self.started.discard(run.run_id)
+        if status != "busy":
+            self._settle(run, status, ran=True)
+
+    def wait_for(self, run: PlannedRun, holder: str) -> None:
         if run.run_id not in self.announced:
             self.announced.add(run.run_id)
-            tqdm.write(f"run {run.run_id} ({run.label}) is being trained by {lock.describe()}; waiting for it")
+            self.say(f"run {run.run_id} ({run.label}) is being trained by {holder}; waiting for it")
+
+    def say(self, line: str) -> None:
+        if self.progress is not None:
+            self.progress.say(line)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+
+    def _settle(self, run: PlannedRun, status: str, ran: bool = False) -> None:
+        """``ran``: it ended here and now (a line for it); runs found finished are only counted."""
+        self.settled[run.run_id] = status
+        self.pending.remove(run)
+        self.started.discard(run.run_id)
+        self.retry.pop(run.run_id, None)
+        if self.progress is not None:
+            told = ran and status != "cached" or status == "blocked"
+            result = (self.store.result(run.run_id) or {}) if told else None
+            self.progress.ended(len(self.settled), run, status, result)
 
 
 def execute(plan: Plan, store: RunStore, device: torch.device, progress: bool = True,
             retry_failed: bool = False, options: Optional[ScaleOptions] = None,
             poll_s: float = 2.0) -> ExecutionSummary:
-    """Run what is pending in ``plan``, in dependency order, safely alongside other processes on the same store.
+    """Run what is pending in ``plan`` in this process, one run at a time, in dependency order, safely alongside
+    other processes on the same store.
 
     Inside a process group (``--nproc``) every rank calls this: rank 0 claims the next run and broadcasts it, all
     ranks train it together, rank 0 writes. The summary is rank 0's, broadcast to all.
     """
     par = distributed.current()
     device = distributed.device_for_rank(device, par)
-    claims = Claims(plan, store, retry_failed) if par.is_main else None
-    bar = tqdm(total=len(plan.runs), desc=f"{plan.spec.id} [{plan.tier}]", unit="run",
-               disable=not (progress and par.is_main), mininterval=1.0)
+    states = RunStates(plan.ordered(), store, retry_failed,
+                       PlanProgress(f"{plan.spec.id} [{plan.tier}]", len(plan.runs), progress)) if par.is_main else None
+    # A lone run may draw its own per-step bar (in a terminal); beside a plan's bar and lines it would be noise.
+    step_bar = progress and len(plan.runs) == 1
     while True:
         lock, decision = None, None
-        if claims is not None:
-            kind, run, lock = claims.next()
-            decision = (kind, run.run_id if run else None)
+        if states is not None:
+            run, lock = states.claim_next()
+            decision = ("train", run.run_id) if run else ("wait" if states.pending else "finished", None)
         kind, run_id = distributed.broadcast_object(decision, par)
         if kind == "finished":
             break
@@ -242,56 +333,39 @@ def execute(plan: Plan, store: RunStore, device: torch.device, progress: bool = 
             time.sleep(poll_s)
             continue
         run = plan.runs[run_id]
-        bar.set_postfix_str(run.label, refresh=True)
         try:
-            result = execute_run(run, store, device, progress, options)
+            result = execute_run(run, store, device, step_bar, options)
         finally:
             if lock is not None:
                 lock.release()
-        if claims is not None:
-            claims.record(run, result)
-            bar.n = len(plan.runs) - len(claims.pending)
-            bar.refresh()
-    bar.close()
-    return distributed.broadcast_object(claims.summary if claims is not None else None, par)
+        if states is not None:
+            states.record(run, result["status"])
+    if states is not None:
+        states.close()
+    return distributed.broadcast_object(states.summary if states is not None else None, par)
 
 
 def run_claimed(run: PlannedRun, store: RunStore, device: torch.device, progress: bool = False,
-                options: Optional[ScaleOptions] = None, retry_failed: bool = False) -> str:
+                options: Optional[ScaleOptions] = None, retry_failed: bool = False,
+                workers: Optional[int] = 1) -> str:
     """Claim one run and train it (what an executor job does): ``"done"`` or ``"failed"`` when trained here,
-    ``"cached"`` when a result is already there, ``"busy"`` when another process holds it."""
+    ``"cached"`` or ``"failed"`` when a result is already there, ``"busy"`` when another process holds it.
+    ``workers``: runs the driver runs side by side (stamped on the result)."""
     par = distributed.current()
     device = distributed.device_for_rank(device, par)
     lock, decision = None, None
     if par.is_main:
-        decision, lock = _claim_one(run, store, retry_failed)
+        states = RunStates([run], store, retry_failed)
+        lock = states.claim(run)
+        decision = "train" if lock is not None else states.settled.get(run.run_id, "busy")
     decision = distributed.broadcast_object(decision, par)
     if decision != "train":
         return decision
     try:
-        return execute_run(run, store, device, progress, options)["status"]
+        return execute_run(run, store, device, progress, options, workers)["status"]
     finally:
         if lock is not None:
             lock.release()
-
-
-def _claim_one(run: PlannedRun, store: RunStore, retry_failed: bool) -> tuple[str, Optional[RunLock]]:
-    def finished() -> Optional[str]:
-        previous = store.result(run.run_id)
-        if previous is None or (retry_failed and previous.get("status") == "failed"):
-            return None
-        return "cached" if previous.get("status") == "done" else "failed"
-
-    if (status := finished()) is not None:
-        return status, None
-    lock = store.lock(run.run_id)
-    if not lock.try_acquire(note=run.label):
-        return "busy", None
-    if (status := finished()) is not None:
-        lock.release()
-        return status, None
-    store.clear_result(run.run_id)
-    return "train", lock
 
 
 # -- `repro teachers cache`: the teacher-output cache of every finished teacher of a plan -------------------

@@ -548,8 +548,9 @@ class Trainer:
         self._run_init_stage(best, history)
         epochs = self.recipe.epochs
         steps_per_epoch = len(self.train_loader)
+        # Drawn only on a terminal (disable=None): in a log, a redrawn bar is a line per refresh.
         bar = tqdm(total=epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, desc=self.run_id[:8],
-                   leave=False, disable=not self.progress, mininterval=1.0, unit="step")
+                   leave=False, disable=None if self.progress else True, mininterval=1.0, unit="step")
         log = EpochLog(self.store.run_dir(self.run_id), self.run_id, self.config, start_epoch,
                        None if self.par.is_main else [])  # rank 0 logs
         try:

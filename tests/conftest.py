@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# One run at a time in the test's own process unless a test asks for more (--jobs, or its own $REPRO_JOBS): loss
+# terms and monkeypatches a test installs exist only there, not in spawned worker processes.
+os.environ["REPRO_JOBS"] = "1"
 
 TESTS = Path(__file__).parent
 TINY_SPEC = str(TESTS / "specs" / "tiny.yaml")

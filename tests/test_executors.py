@@ -189,3 +189,87 @@ def test_interrupted_local_job_is_requeued_and_finishes_with_the_uninterrupted_r
         assert "Requeued job" in logs and store.job(student)["job_id"] == interrupted_job
     else:  # killed outright: the job ends without a result and the driver submits a new one
         assert store.job(student)["job_id"] != interrupted_job
+
+
+# -- how many runs at once by default ----------------------------------------------------------------------------
+def test_default_jobs_is_one_per_core_on_cpu_capped_by_the_runs_left_and_one_on_a_gpu(monkeypatch):
+    from repro.executors import default_jobs
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    cpu = torch.device("cpu")
+    assert [default_jobs(cpu, n) for n in (0, 1, 3, 4, 50)] == [1, 1, 3, 4, 4]
+    assert default_jobs(torch.device("cuda"), 50) == 1  # a GPU machine: one run at a time, as before
+    assert default_jobs(None, 50) == 1 and default_jobs(cpu, 50, nproc=2) == 1  # elsewhere; a run spans 2 procs
+    monkeypatch.setenv("RANK", "0")
+    assert default_jobs(cpu, 50) == 1  # inside a torchrun launch
+
+
+def test_jobs_come_from_the_flag_then_repro_jobs(monkeypatch):
+    from repro.executors import requested_jobs
+
+    monkeypatch.delenv("REPRO_JOBS")
+    assert requested_jobs(_args()) is None  # the default: default_jobs decides
+    monkeypatch.setenv("REPRO_JOBS", "3")
+    assert requested_jobs(_args()) == 3 and requested_jobs(_args("--jobs", "1")) == 1
+    for bad in ("two", "0"):
+        monkeypatch.setenv("REPRO_JOBS", bad)
+        with pytest.raises(ReproError, match="REPRO_JOBS must be|--jobs must be at least 1"):
+            requested_jobs(_args())
+
+
+def _route(monkeypatch) -> dict:
+    """Which engine `repro run` picks: the in-process loop or the scheduler (whose workers are not started)."""
+    from repro import executors, runner
+
+    seen: dict = {}
+
+    def in_process(plan, store, device, **kwargs):
+        seen["engine"] = "in-process"
+        return runner.ExecutionSummary(done=list(plan.runs))
+
+    def scheduler_run(self):
+        seen.update(engine=self.submitter.kind, slots=self.submitter.slots, threads=self.submitter.threads)
+        return runner.ExecutionSummary(done=list(self.states.pending), workers=self.submitter.slots)
+
+    monkeypatch.setattr(runner, "execute", in_process)
+    monkeypatch.setattr(executors.JobScheduler, "run", scheduler_run)
+    return seen
+
+
+def test_a_cpu_machine_runs_a_plan_side_by_side_by_default_and_jobs_1_in_process(workdirs, monkeypatch, capsys):
+    from repro.cli import main
+
+    seen = _route(monkeypatch)
+    monkeypatch.delenv("REPRO_JOBS")
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    base = ["run", str(TESTS / "specs" / "tiny.yaml"), "--tier", "smoke", "--no-estimate", "--device", "cpu"]
+    assert main(base) == 0
+    assert seen == {"engine": "workers", "slots": 2, "threads": 1}  # 4 runs to train, 2 cores
+    out = capsys.readouterr().out
+    assert "running up to 2 runs side by side in worker processes (1 torch thread(s) each)" in out
+    assert "4 trained, 0 cached, 0 failed, 0 blocked; 2 at once" in out
+    assert main([*base, "--jobs", "1"]) == 0 and seen["engine"] == "in-process"
+    monkeypatch.setenv("REPRO_JOBS", "1")  # what `make JOBS=1` amounts to without the flag
+    seen.clear()
+    assert main(base) == 0 and seen == {"engine": "in-process"}
+    assert "1 at once" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_worker_processes_train_a_plan_with_the_in_process_result(tmp_path, monkeypatch, capsys):
+    """Spawned workers, for real: every run trained once, the same numbers as one at a time in this process."""
+    from repro.cli import main
+
+    monkeypatch.setenv("REPRO_DATA", str(tmp_path / "data"))
+    base = ["run", str(TESTS / "specs" / "tiny.yaml"), "--tier", "smoke", "--no-estimate", "--device", "cpu"]
+    assert main([*base, "--runs", str(tmp_path / "one"), "--jobs", "1"]) == 0
+    assert main([*base, "--runs", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "4 trained, 0 cached, 0 failed, 0 blocked; 2 at once" in out
+    one, two = RunStore(tmp_path / "one"), RunStore(tmp_path / "two")
+    for run_id in make_plan(load_spec(str(TESTS / "specs" / "tiny.yaml")), "smoke").runs:
+        a, b = one.result(run_id), two.result(run_id)
+        assert (a["workers"], b["workers"]) == (1, 2)
+        assert (a["best_top1"], a["last_top1"]) == (b["best_top1"], b["last_top1"])
+    assert not list((tmp_path / "two").glob("*/.lock*"))

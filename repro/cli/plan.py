@@ -110,7 +110,7 @@ def _execute(plan, args: argparse.Namespace) -> int:
     with _selected_loggers(args):
         summary = execute_with_args(plan, store, device, args)
     print(f"{plan.spec.id} [{plan.tier}]: {len(summary.done)} trained, {len(summary.cached)} cached, "
-          f"{len(summary.failed)} failed, {len(summary.blocked)} blocked")
+          f"{len(summary.failed)} failed, {len(summary.blocked)} blocked; {summary.workers} at once")
     return 0
 
 
@@ -195,7 +195,8 @@ def cmd_smoke(args: argparse.Namespace) -> int:
         i = loads.index(min(loads))
         groups[i].append(spec_id)
         loads[i] += size
-    base = [sys.executable, "-m", "repro", "run", "--tier", "smoke", "--no-estimate", "--no-progress"]
+    # Each worker runs its specs one run at a time (--jobs 1): the workers are the parallelism.
+    base = [sys.executable, "-m", "repro", "run", "--tier", "smoke", "--no-estimate", "--no-progress", "--jobs", "1"]
     if args.runs:
         base += ["--runs", args.runs]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
