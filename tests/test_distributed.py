@@ -19,7 +19,8 @@ import torch.nn as nn
 from repro import distributed
 from repro.data import ImageTensorDataset
 from repro.data.loader import TensorLoader
-from repro.distributed import BatchMapping, GlobalBatchNorm, ScaleOptions, map_batch, rank_bounds, split_batch
+from repro.data.batch import rank_bounds
+from repro.distributed import BatchMapping, GlobalBatchNorm, ScaleOptions, map_batch, split_batch
 from repro.errors import ReproError
 from tests.conftest import TESTS
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import dataclasses
 import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -41,6 +42,13 @@ class ImageTensorDataset:
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
+
+    def first(self, count: Optional[int]) -> "ImageTensorDataset":
+        """The first ``count`` images (all of them when ``count`` is None or covers the split): a spec's subset."""
+        if count is None or count >= len(self):
+            return self
+        return dataclasses.replace(self, images=self.images[:count], labels=self.labels[:count],
+                                   fingerprint=f"{self.fingerprint}[:{count}]")
 
 
 DatasetReader = Callable[[Path, str, bool], ImageTensorDataset]

@@ -1,4 +1,4 @@
-"""Data pipelines over an ImageNet-style folder that yield ``repro.methods.base.Batch`` objects.
+"""Data pipelines over an ImageNet-style folder that yield ``repro.data.batch.Batch`` objects.
 
 Two recipes, registered in ``FOLDER_RECIPES``:
 
@@ -19,13 +19,14 @@ Two recipes, registered in ``FOLDER_RECIPES``:
 With mixup and cutmix off, a positive ``smoothing`` is applied here as smoothed one-hot soft targets
 (identical to DeiT's ``LabelSmoothingCrossEntropy``), so the ``ce`` term needs no smoothing of its own.
 
-Randomness: the sampler order depends on (seed, epoch) only, and so does every training image's augmentation:
-the sampler hands each position of the epoch its own seed (drawn from (seed, epoch, rank)), and the image is
-transformed under that seed (python, numpy and torch RNGs; the main process's own RNG states are restored
-after each image). An epoch's batches are therefore the same with any number of workers, with workers that
-persist across epochs (``persistent_workers``: no re-fork per epoch) or fresh ones, and after a resume at that
-epoch. Mixup/CutMix (timm) draws from numpy's global RNG in the main process (seeded by the runner, saved in
-checkpoints).
+Randomness: the sampler's order of the epoch depends on (seed, epoch) only, and so does every training image's
+augmentation: each position of the epoch gets its own seed from ``repro.data.batch.epoch_generator`` (seed, epoch;
+never the rank), and the image is transformed under that seed (python, numpy and torch RNGs; the main process's
+own RNG states are restored after each image). Mixup/CutMix (timm) draws its parameters under a seed of the global
+batch. An epoch's batches are therefore the same with any number of workers, with workers that persist across
+epochs (``persistent_workers``: no re-fork per epoch) or fresh ones, after a resume at that epoch, and on any
+number of processes (``GlobalBatches``: rank r takes its contiguous slice of each global batch; see
+``FolderLoader`` for how a slice is mixed with images of other ranks' slices).
 """
 from __future__ import annotations
 
@@ -42,17 +43,16 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 
 import torch
-import torch.distributed as dist
 from timm.data import Mixup, create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from repro.errors import ReproError
+from repro.data.batch import Batch, GlobalBatches, epoch_generator
 from repro.data.imagefolder import IndexedImageFolder, load_imagefolder_splits
-from repro.methods.base import Batch
+from repro.errors import ReproError
 from repro.registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -173,22 +173,15 @@ FOLDER_RECIPE_OPTIONS: dict[str, dict[str, Any]] = {"imagenet_standard": _STANDA
 # ----------------------------------------------------------------------------------------------------------
 # samplers and loaders
 
-def _replicas() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
 def _epoch_seed(seed: int, epoch: int) -> int:
     return int(seed) * 1_000_003 + int(epoch)
 
 
 class ShuffleSampler(Sampler[int]):
-    """A fresh permutation per (seed, epoch), split across distributed ranks (padded to equal length)."""
+    """A fresh permutation of the whole split per (seed, epoch) (the global order; ranks take batch slices)."""
 
-    def __init__(self, size: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
-        self.size, self.seed, self.num_replicas, self.rank = size, seed, num_replicas, rank
-        self.num_samples = math.ceil(size / num_replicas)
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed = size, seed
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -196,48 +189,23 @@ class ShuffleSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
-        order = torch.randperm(self.size, generator=generator).tolist()
-        order += order[: self.num_samples * self.num_replicas - self.size]
-        return iter(order[self.rank::self.num_replicas])
+        return iter(torch.randperm(self.size, generator=generator).tolist())
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.size
 
 
 class _SeededRepeatAugSampler(RepeatAugSampler):
-    """timm's RepeatAugSampler (DeiT's RASampler), whose per-epoch shuffle also depends on the run's seed."""
+    """timm's RepeatAugSampler (DeiT's RASampler) on one replica, whose per-epoch shuffle also depends on the
+    run's seed. One replica: it gives the epoch's global order, which ``GlobalBatches`` cuts across ranks, so the
+    epoch holds what DeiT's W samplers hold together (about len/W each, the repeats of an image side by side)."""
 
-    def __init__(self, dataset: Any, seed: int, num_repeats: int, num_replicas: int, rank: int) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, num_repeats=num_repeats)
+    def __init__(self, dataset: Any, seed: int, num_repeats: int) -> None:
+        super().__init__(dataset, num_replicas=1, rank=0, shuffle=True, num_repeats=num_repeats)
         self.seed = seed
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(_epoch_seed(self.seed, epoch))
-
-
-class SeededSampler(Sampler[tuple[int, int]]):
-    """Yields ``(index, seed)``: the wrapped sampler's order, and one seed per position of the epoch drawn from
-    (run seed, epoch, rank), so that each image's augmentation is a pure function of the epoch, whichever worker
-    (fresh or persistent) transforms it."""
-
-    def __init__(self, sampler: Sampler[int], seed: int, rank: int = 0) -> None:
-        self.sampler, self.seed, self.rank = sampler, int(seed), int(rank)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = list(iter(self.sampler))
-        digest = hashlib.sha256(f"repro.folder:{self.seed}:{self.epoch}:{self.rank}".encode()).digest()
-        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-        seeds = torch.randint(0, 2**62, (len(order),), generator=generator).tolist()
-        return iter(zip(order, seeds))
-
-    def __len__(self) -> int:
-        return len(self.sampler)
 
 
 @contextmanager
@@ -256,7 +224,7 @@ def _seeded(seed: int) -> Iterator[None]:
 
 
 class SeededDataset(Dataset):
-    """``dataset[index]`` transformed under the seed a ``SeededSampler`` paired with it."""
+    """``dataset[index]`` transformed under the seed its epoch position was given (keys are ``(index, seed)``)."""
 
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
@@ -270,33 +238,69 @@ class SeededDataset(Dataset):
         return len(self.dataset)
 
 
-class FolderLoader:
+class _EpochBatches(Sampler[list[Any]]):
+    """The DataLoader's batch sampler: this rank's batches of dataset keys, set by ``FolderLoader`` each epoch."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[Any]] = []
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """One of this rank's batches: its global number, its own images (the first ``own`` rows) and mix seed."""
+
+    number: int
+    own: int
+    mix_seed: int
+
+
+class FolderLoader(GlobalBatches):
     """Iterates ``Batch`` objects on ``device``; ``set_epoch(epoch)`` (1-based) reshuffles and stamps batches.
 
-    Training loaders transform each image under its own seed (``SeededSampler``), so their workers can persist
-    across epochs; with ``workers > 0`` they do (no re-fork, no re-import of the dataset each epoch).
+    ``batch_size`` is the GLOBAL batch (``GlobalBatches``): the sampler gives the epoch's global order, and each
+    position gets a seed from ``epoch_generator(seed, epoch)``; the image at that position is transformed under
+    its seed, so an augmented image is a function of (seed, epoch, position), never of the rank or the worker
+    (workers persist across epochs with ``workers > 0``). Mixup/CutMix draws its parameters once per GLOBAL batch,
+    under a seed of that batch; timm pairs position p of a batch with its mirror (the batch flipped), which lies on
+    another rank, so a rank whose slice is not the whole batch also loads its slice's mirror images (the same
+    images, augmented the same way, as on their own rank) and mixes its slice exactly as one process mixes the
+    whole batch. That costs a sharded mixup run twice the image loading per rank, and nothing else.
     """
 
-    def __init__(self, dataset: IndexedImageFolder, batch_size: int, sampler: Sampler, workers: int,
-                 device: torch.device, seed: int, train: bool, num_classes: int,
-                 mixup: Optional[dict[str, Any]] = None, smoothing: float = 0.0, drop_last: bool = False) -> None:
-        self.dataset = dataset
-        loaded: Any = dataset
-        if train:
-            sampler = SeededSampler(sampler, seed, rank=getattr(sampler, "rank", 0))
-            loaded = SeededDataset(dataset)
-        self.sampler = sampler
+    def __init__(self, dataset: Any, batch_size: int, sampler: Sampler, workers: int, device: torch.device,
+                 seed: int, train: bool, num_classes: int, mixup: Optional[dict[str, Any]] = None,
+                 smoothing: float = 0.0, drop_last: bool = False) -> None:
+        if batch_size < 1:
+            raise ReproError(f"batch size must be positive, got {batch_size}")
+        self.dataset, self.sampler, self.workers = dataset, sampler, int(workers)
+        self.batch_size, self.drop_last = int(batch_size), bool(drop_last)
+        self.rank, self.world_size = 0, 1
         self.device = torch.device(device)
-        self.seed = seed
-        self.train = train
-        self.num_classes = num_classes
-        self.smoothing = smoothing
+        self.seed, self.train, self.num_classes, self.smoothing = int(seed), train, num_classes, smoothing
         self.epoch = 1
         self.mixup = Mixup(num_classes=num_classes, **mixup) if mixup else None
-        self._generator = torch.Generator()
-        self.loader = DataLoader(loaded, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                 pin_memory=self.device.type == "cuda", drop_last=drop_last,
-                                 persistent_workers=workers > 0, generator=self._generator)
+        self._build_loader()
+
+    def _build_loader(self) -> None:
+        self._batches = _EpochBatches()
+        self._generator = torch.Generator()  # the workers' base seeds; the images do not depend on them
+        self.loader = DataLoader(SeededDataset(self.dataset) if self.train else self.dataset,
+                                 batch_sampler=self._batches, num_workers=self.workers,
+                                 pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0,
+                                 generator=self._generator)
+        self._generator.manual_seed(_epoch_seed(self.seed, self.epoch) + (0 if self.train else 7))
+
+    def _resharded(self) -> None:
+        if self.mixup is not None and self.world_size > 1 and self.mixup.mode != "batch":
+            raise ReproError(f"mixup_mode {self.mixup.mode!r} draws per image of a rank's batch; only 'batch' "
+                             f"(DeiT's) is split across processes exactly")
+        self._build_loader()  # this rank's own DataLoader (and workers)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -304,18 +308,40 @@ class FolderLoader:
             self.sampler.set_epoch(self.epoch)
         self._generator.manual_seed(_epoch_seed(self.seed, self.epoch) + (0 if self.train else 7))
 
-    def __len__(self) -> int:
-        """Batches per epoch."""
-        return len(self.loader)
+    def epoch_size(self) -> int:
+        return len(self.sampler)
 
     @property
     def num_samples(self) -> int:
         """Images in the underlying split (not per epoch: repeated augmentation and drop_last change that)."""
         return len(self.dataset)
 
-    def _targets(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def _plan(self) -> list[_Planned]:
+        """Set this epoch's batches of keys on the batch sampler; return what each batch holds."""
+        order: list[Any] = list(iter(self.sampler))
+        generator = epoch_generator(self.seed, self.epoch, "repro.folder")
+        if self.train:
+            seeds = torch.randint(0, 2**62, (len(order),), generator=generator).tolist()
+            order = list(zip(order, seeds))
+        mix_seeds = torch.randint(0, 2**62, (max(len(self), 1),), generator=generator).tolist()
+        planned, batches = [], []
+        for number, lo, hi in self.rank_slices():
+            if hi == lo:
+                continue  # a global batch smaller than the world (evaluation only; training refuses it)
+            positions = list(range(lo, hi))
+            first, last = self.global_bounds(number)
+            if self.mixup is not None and (lo, hi) != (first, last):
+                # timm mixes row i with row n-1-i: [slice, mirror reversed] flipped puts each mirror on its image.
+                positions += [first + last - 1 - p for p in reversed(positions)]
+            batches.append([order[p] for p in positions])
+            planned.append(_Planned(number, hi - lo, mix_seeds[number]))
+        self._batches.batches = batches
+        return planned
+
+    def _targets(self, images: Tensor, labels: Tensor, mix_seed: int) -> tuple[Tensor, Tensor]:
         if self.mixup is not None:
-            return self.mixup(images, labels)
+            with _seeded(mix_seed):  # timm draws from numpy's global RNG: the same draws on every rank
+                return self.mixup(images, labels)
         if self.train and self.smoothing > 0:
             off = self.smoothing / self.num_classes
             soft = torch.full((labels.shape[0], self.num_classes), off, device=labels.device)
@@ -324,18 +350,20 @@ class FolderLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         non_blocking = self.device.type == "cuda"
-        for images, labels, indices in self.loader:
+        planned = self._plan()
+        for plan, (images, labels, indices) in zip(planned, self.loader):
             images = images.to(self.device, non_blocking=non_blocking)
             labels = labels.to(self.device, non_blocking=non_blocking)
-            hard = labels.clone()
-            images, targets = self._targets(images, labels)
-            yield Batch(images=images, targets=targets, labels=hard,
+            hard = labels[:plan.own].clone()
+            images, targets = self._targets(images, labels, plan.mix_seed)
+            indices = indices[:plan.own]
+            yield Batch(images=images[:plan.own], targets=targets[:plan.own], labels=hard,
                         indices=indices.to(self.device, non_blocking=non_blocking), epoch=self.epoch,
                         host_indices=indices)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the builder
+# the builder: one assembly for every folder-recipe pipeline (the ImageNet folder, CIFAR upsampled for transfer)
 
 def folder_fingerprint(name: str, image_size: int, options: dict[str, Any], root: Path,
                        datasets: tuple[IndexedImageFolder, ...]) -> str:
@@ -346,6 +374,30 @@ def folder_fingerprint(name: str, image_size: int, options: dict[str, Any], root
         for path, label in dataset.samples:
             digest.update(f"{os.path.relpath(path, root)}\t{label}\n".encode())
     return digest.hexdigest()
+
+
+def assemble_loaders(name: str, recipe: FolderRecipe, train_set: Dataset, test_set: Dataset, num_classes: int,
+                     batch_size: int, eval_batch_size: Optional[int], seed: int, device: torch.device | str,
+                     workers: int, where: str) -> tuple[FolderLoader, FolderLoader]:
+    """The training and test loaders of folder recipe ``recipe`` (called ``name``) over two datasets whose items
+    are ``(image, label, index)``; ``where`` names the training data in errors."""
+    if recipe.mixup is not None and batch_size % 2:
+        raise ReproError(f"pipeline {name!r} mixes pairs of images and needs an even batch size, got {batch_size}")
+    if recipe.mixup is not None and not recipe.drop_last:
+        raise ReproError(f"pipeline {name!r} mixes pairs of images per batch: drop_last must stay true (an odd "
+                         f"last batch cannot be mixed; DeiT drops it)")
+    if batch_size > len(train_set):
+        raise ReproError(f"batch size {batch_size} exceeds the {len(train_set)} training images {where}")
+    sampler: Sampler = (_SeededRepeatAugSampler(train_set, seed, recipe.repeated_aug) if recipe.repeated_aug > 1
+                        else ShuffleSampler(len(train_set), seed))
+    device = torch.device(device)
+    train = FolderLoader(train_set, batch_size, sampler, workers, device, seed, True, num_classes,
+                         recipe.mixup, recipe.smoothing, drop_last=recipe.drop_last)
+    test = FolderLoader(test_set, eval_batch_size or batch_size, SequentialSampler(test_set), workers, device,
+                        seed, False, num_classes)
+    train.set_epoch(1)
+    test.set_epoch(1)
+    return train, test
 
 
 def build_folder_pipeline(name: str, root: str | os.PathLike, image_size: int, batch_size: int, seed: int,
@@ -362,25 +414,8 @@ def build_folder_pipeline(name: str, root: str | os.PathLike, image_size: int, b
     root_path = Path(root).expanduser()
     train_set, val_set = load_imagefolder_splits(root_path, recipe.train_transform, recipe.eval_transform)
     num_classes = len(train_set.classes)
-    if recipe.mixup is not None and batch_size % 2:
-        raise ReproError(f"pipeline {name!r} mixes pairs of images and needs an even batch size, got {batch_size}")
-    if recipe.mixup is not None and not recipe.drop_last:
-        raise ReproError(f"pipeline {name!r} mixes pairs of images per batch: drop_last must stay true (an odd "
-                         f"last batch cannot be mixed; DeiT drops it)")
-    if batch_size > len(train_set):
-        raise ReproError(f"batch size {batch_size} exceeds the {len(train_set)} training images in {root_path}")
-    replicas, rank = _replicas()
-    if recipe.repeated_aug > 1:
-        sampler: Sampler = _SeededRepeatAugSampler(train_set, seed, recipe.repeated_aug, replicas, rank)
-    else:
-        sampler = ShuffleSampler(len(train_set), seed, replicas, rank)
-    device = torch.device(device)
-    train = FolderLoader(train_set, batch_size, sampler, workers, device, seed, True, num_classes,
-                         recipe.mixup, recipe.smoothing, drop_last=recipe.drop_last)
-    test = FolderLoader(val_set, eval_batch_size or batch_size, torch.utils.data.SequentialSampler(val_set), workers,
-                        device, seed, False, num_classes)
-    train.set_epoch(1)
-    test.set_epoch(1)
+    train, test = assemble_loaders(name, recipe, train_set, val_set, num_classes, batch_size, eval_batch_size, seed,
+                                   device, workers, f"in {root_path}")
     labels = torch.tensor(train_set.targets, dtype=torch.long)
     fingerprint = folder_fingerprint(name, image_size, recipe.options, root_path, (train_set, val_set))
     return train, test, labels, num_classes, fingerprint

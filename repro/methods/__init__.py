@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from repro.methods.base import LOSS_TERMS, Batch, Distiller, LossTerm, Outputs, TermContext
+from repro.methods.base import LOSS_TERMS, Distiller, LossTerm, Outputs, TermContext
 
 _discovered = False
 
@@ -23,4 +23,4 @@ def get_term(name: str) -> type[LossTerm]:
     return LOSS_TERMS.get(name)
 
 
-__all__ = ["LOSS_TERMS", "Batch", "Distiller", "LossTerm", "Outputs", "TermContext", "discover", "get_term"]
+__all__ = ["LOSS_TERMS", "Distiller", "LossTerm", "Outputs", "TermContext", "discover", "get_term"]
