@@ -28,6 +28,8 @@ from repro.errors import ReproError
 from tests.conftest import TESTS
 
 DDP_SPEC = str(TESTS / "specs" / "tiny_ddp.yaml")
+FOLDER_SPEC = str(TESTS / "specs" / "tiny_ddp_folder.yaml")
+TRANSFER_SPEC = str(TESTS / "specs" / "tiny_ddp_transfer.yaml")
 QUIET = ["--no-progress", "--no-estimate"]
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -206,10 +208,10 @@ def test_global_batchnorm_on_two_gloo_processes_is_batchnorm_on_the_whole_batch(
 
 
 # -- end to end: `repro run --nproc 2` -----------------------------------------------------------------------------
-def _repro(store: Path, data: Path, *args: str, threads: int = 1) -> subprocess.Popen:
+def _repro(store: Path, data: Path, *args: str, threads: int = 1, spec: str = DDP_SPEC) -> subprocess.Popen:
     env = {**os.environ, "REPRO_RUNS": str(store), "REPRO_DATA": str(data), "HF_HUB_OFFLINE": "1",
            "OMP_NUM_THREADS": str(threads)}
-    return subprocess.Popen([sys.executable, "-m", "repro", "run", DDP_SPEC, "--tier", "smoke", *QUIET, *args],
+    return subprocess.Popen([sys.executable, "-m", "repro", "run", spec, "--tier", "smoke", *QUIET, *args],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
@@ -306,3 +308,22 @@ def test_a_run_interrupted_on_two_processes_resumes_on_one(single_process_run, t
     resumed = _result(runs)
     assert resumed["world_size"] == 1
     assert _max_difference(_weights(runs), _weights(single_process_run / "runs")) < 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec, options", [
+    (FOLDER_SPEC, []),  # imagenet_standard
+    (FOLDER_SPEC, ["--set", "recipe.pipeline=deit", "--set", "recipe.pipeline_args.drop_last=true"]),  # RandAugment,
+    # random erasing, repeated augmentation, mixup/cutmix, label smoothing
+    (TRANSFER_SPEC, []),  # cifar_transfer through the deit recipe
+], ids=["imagenet_standard", "deit", "cifar_transfer"])
+def test_folder_pipelines_on_two_processes_train_the_same_weights_as_one(tmp_path, spec, options):
+    data = tmp_path / "data"
+    _finish(_repro(tmp_path / "one", data, *options, spec=spec))
+    _finish(_repro(tmp_path / "two", data, *options, "--nproc", "2", spec=spec))
+    multi, single = _result(tmp_path / "two"), _result(tmp_path / "one")
+    assert (multi["world_size"], multi["global_batch"], multi["per_device_batch"]) == (2, 12, 6)
+    assert multi["sync_batchnorm"] is True and single["world_size"] == 1
+    # Each rank's slice of each global batch is the single process's, augmentation and mixing included.
+    assert _max_difference(_weights(tmp_path / "two"), _weights(tmp_path / "one")) < 1e-3
+    assert multi["last_top1"] == single["last_top1"]
