@@ -304,8 +304,6 @@ class FolderLoader(GlobalBatches):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(self.epoch)
         self._generator.manual_seed(_epoch_seed(self.seed, self.epoch) + (0 if self.train else 7))
 
     def epoch_size(self) -> int:
@@ -318,6 +316,8 @@ class FolderLoader(GlobalBatches):
 
     def _plan(self) -> list[_Planned]:
         """Set this epoch's batches of keys on the batch sampler; return what each batch holds."""
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(self.epoch)  # rank views share the sampler: each reads its own epoch's order
         order: list[Any] = list(iter(self.sampler))
         generator = epoch_generator(self.seed, self.epoch, "repro.folder")
         if self.train:
