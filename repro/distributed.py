@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from repro.data.batch import rank_bounds
 from repro.errors import ReproError
 
 # Environment variables torchrun (and submitit's TorchDistributedEnvironment) set for every worker.
@@ -227,22 +228,18 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def check_tail(train_size: int, mapping: BatchMapping) -> None:
-    """The epoch's last, partial batch must still give every process at least one image per micro-batch: an
-    empty slice has no mean loss, and SyncBatchNorm needs every process in every forward."""
-    tail = train_size % mapping.global_batch
+def check_tail(loader: Any, mapping: BatchMapping) -> None:
+    """The epoch's last global batch (``loader.global_batch_size``) must still give every process at least one
+    image per micro-batch: an empty slice has no mean loss, and SyncBatchNorm needs every process in every
+    forward. (A loader that drops its last, partial batch never has such a tail.)"""
+    if len(loader) == 0:
+        return
+    tail = loader.global_batch_size(len(loader) - 1)
     need = mapping.world_size * mapping.grad_accum_steps
-    if 0 < tail < need:
-        raise ReproError(f"the epoch's last batch holds {tail} of {train_size} images, fewer than the "
+    if tail < need:
+        raise ReproError(f"the epoch's last batch holds {tail} of {loader.epoch_size()} images, fewer than the "
                          f"{mapping.world_size} processes x {mapping.grad_accum_steps} micro-steps; choose another "
                          f"--nproc or --max-device-batch")
-
-
-def rank_bounds(count: int, rank: int, world_size: int) -> tuple[int, int]:
-    """This rank's contiguous share [start, stop) of ``count`` items; shares differ by at most one item."""
-    base, extra = divmod(count, world_size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
 
 
 def split_batch(batch: Any, parts: int) -> list[Any]:

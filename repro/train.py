@@ -25,15 +25,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from repro import distributed, numerics
+from repro.data.batch import Batch, DataBundle
 from repro.distributed import ScaleOptions, all_reduce_sum
 from repro.core.io import atomic_torch_save
 from repro.errors import ReproError
 from repro.loggers import EpochLog
 from repro.methods import Distiller, TermContext, get_term
-from repro.methods.base import Batch, InitStage, LossTerm, Outputs, TeacherFn, forward_model
+from repro.methods.base import InitStage, LossTerm, Outputs, TeacherFn, forward_model
 from repro.models import create_model
 from repro.optim import OPTIMIZERS, SCHEDULES, effective_lr
-from repro.pipelines import DataBundle, build_pipeline
+from repro.pipelines import build_pipeline
 from repro.provenance import environment
 from repro.train_config import TrainRecipe
 
@@ -285,7 +286,7 @@ class Trainer:
         self.train_loader, _ = distributed.shard_loader(self.data.train, self.par, recipe.pipeline)
         self.test_loader, self.test_sharded = shard_for_evaluation(self.data.test)
         if self.par.distributed:
-            distributed.check_tail(self.data.train_size, self.mapping)
+            distributed.check_tail(self.train_loader, self.mapping)
         model_cfg = self.config["model"]
         torch.manual_seed(self.seed)  # weights depend on the seed alone, not on what the pipeline drew
         student = create_model(model_cfg["arch"], num_classes=model_cfg["num_classes"], **model_cfg.get("args", {}))

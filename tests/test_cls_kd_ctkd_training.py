@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from repro.methods import Batch, Distiller, TermContext, get_term
+from repro.data.batch import Batch
+from repro.methods import Distiller, TermContext, get_term
 from repro.methods.base import forward_model
 from repro.models import create_model
 

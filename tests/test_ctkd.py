@@ -11,7 +11,8 @@ import torch
 from repro.errors import ReproError
 from repro.losses import dkd_loss, kd_loss
 from repro.losses.ctkd import curriculum_temperature, reverse_gradient, reversal_strength
-from repro.methods import Batch, Outputs, TermContext, get_term
+from repro.data.batch import Batch
+from repro.methods import Outputs, TermContext, get_term
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -19,7 +19,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from repro.methods import LOSS_TERMS, Batch, Distiller, TermContext, get_term
+from repro.data.batch import Batch
+from repro.methods import LOSS_TERMS, Distiller, TermContext, get_term
 from repro.methods.base import forward_model
 from repro.models import create_model
 

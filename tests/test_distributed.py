@@ -18,12 +18,18 @@ import torch.nn as nn
 
 from repro import distributed
 from repro.data import ImageTensorDataset
+from repro.data.imagefolder import write_synthetic_imagefolder
 from repro.data.loader import TensorLoader
-from repro.distributed import BatchMapping, GlobalBatchNorm, ScaleOptions, map_batch, rank_bounds, split_batch
+from repro.data.pipelines_folder import build_folder_pipeline
+from repro.data.pipelines_transfer import build_transfer_pipeline
+from repro.data.batch import rank_bounds
+from repro.distributed import BatchMapping, GlobalBatchNorm, ScaleOptions, map_batch, split_batch
 from repro.errors import ReproError
 from tests.conftest import TESTS
 
 DDP_SPEC = str(TESTS / "specs" / "tiny_ddp.yaml")
+FOLDER_SPEC = str(TESTS / "specs" / "tiny_ddp_folder.yaml")
+TRANSFER_SPEC = str(TESTS / "specs" / "tiny_ddp_transfer.yaml")
 QUIET = ["--no-progress", "--no-estimate"]
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -53,9 +59,14 @@ def test_mapping_refuses_a_world_size_that_cannot_keep_the_batch_unless_told_to_
 
 
 def test_tail_too_small_for_the_world_is_refused():
-    distributed.check_tail(123, map_batch(64, 2))  # tail 59: fine
+    def loader(count: int, drop_last: bool = False) -> TensorLoader:
+        return TensorLoader(_dataset(count), 64, MEAN, STD, train=True, augment=False, seed=0, device="cpu",
+                            drop_last=drop_last)
+
+    distributed.check_tail(loader(123), map_batch(64, 2))  # tail 59: fine
     with pytest.raises(ReproError, match="last batch holds 1 of 65"):
-        distributed.check_tail(65, map_batch(64, 2))
+        distributed.check_tail(loader(65), map_batch(64, 2))
+    distributed.check_tail(loader(65, drop_last=True), map_batch(64, 2))  # the tail is never trained
 
 
 def test_rank_shares_are_contiguous_and_cover_everything():
@@ -86,6 +97,54 @@ def test_sharded_batches_put_together_are_the_single_process_batches(train):
             assert torch.equal(torch.cat([p.images for p in pieces]), batch.images)
             if train:
                 assert torch.equal(torch.cat([p.views for p in pieces]), batch.views)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """The smoke ImageFolder layout: 4 classes x 9 training, x 5 val JPEGs of 36 px."""
+    return write_synthetic_imagefolder(tmp_path_factory.mktemp("folder"), classes=4, per_class=9, size=36, seed=0,
+                                       val_per_class=5)
+
+
+def _assert_shards_make_the_batches(loader, world: int, epoch: int) -> None:
+    """Rank views of ``loader`` yield slices of each global batch that put together are the single-process batch
+    (images, soft targets, labels, indices: exactly, bit for bit)."""
+    shards = [loader.shard(r, world) for r in range(world)]
+    for view in (loader, *shards):
+        view.set_epoch(epoch)
+    whole = list(loader)
+    parts = [list(s) for s in shards]
+    assert len(whole) == len(loader) and all(len(p) == len(whole) for p in parts)
+    for number, batch in enumerate(whole):
+        pieces = [p[number] for p in parts]
+        assert [int(p.labels.numel()) for p in pieces] == [b - a for a, b in
+                                                           (rank_bounds(loader.global_batch_size(number), r, world)
+                                                            for r in range(world))]
+        for name in ("images", "targets", "labels", "indices", "host_indices"):
+            assert torch.equal(torch.cat([getattr(p, name) for p in pieces]), getattr(batch, name)), (number, name)
+
+
+@pytest.mark.parametrize("name, options", [
+    ("imagenet_standard", {}),  # the last, partial batch kept (36 = 10 + 10 + 10 + 6)
+    ("deit", {}),  # RandAugment, random erasing, repeated augmentation, mixup/cutmix switching, smoothing
+    ("deit", {"mixup": 0.0, "repeated_aug": 1}),  # CutMix on every batch: boxes cut from other ranks' images
+])
+def test_folder_shards_put_together_are_the_single_process_batches(image_folder, name, options):
+    train, test, *_ = build_folder_pipeline(name, image_folder, 32, 10, seed=4, device="cpu", **options)
+    for world in (2, 3):  # 3: uneven, odd slices (mixup pairs an image with one on another rank)
+        _assert_shards_make_the_batches(train, world, epoch=2)
+        _assert_shards_make_the_batches(test, world, epoch=1)
+    if train.mixup is not None:  # the mixing really happened (soft targets of two classes)
+        train.set_epoch(2)
+        assert any(((b.targets > 0.2).sum(1) > 1).any() for b in train)
+
+
+def test_transfer_shards_put_together_are_the_single_process_batches():
+    data = _dataset(30, classes=5, seed=1)
+    bundle = build_transfer_pipeline(data, _dataset(7, classes=5, seed=2), 10, 4, seed=0, device=torch.device("cpu"),
+                                     image_size=16, re_prob=0.0)
+    _assert_shards_make_the_batches(bundle.train, 2, epoch=1)
+    _assert_shards_make_the_batches(bundle.test, 2, epoch=1)
 
 
 def test_split_batch_cuts_every_per_image_tensor():
@@ -149,10 +208,10 @@ def test_global_batchnorm_on_two_gloo_processes_is_batchnorm_on_the_whole_batch(
 
 
 # -- end to end: `repro run --nproc 2` -----------------------------------------------------------------------------
-def _repro(store: Path, data: Path, *args: str, threads: int = 1) -> subprocess.Popen:
+def _repro(store: Path, data: Path, *args: str, threads: int = 1, spec: str = DDP_SPEC) -> subprocess.Popen:
     env = {**os.environ, "REPRO_RUNS": str(store), "REPRO_DATA": str(data), "HF_HUB_OFFLINE": "1",
            "OMP_NUM_THREADS": str(threads)}
-    return subprocess.Popen([sys.executable, "-m", "repro", "run", DDP_SPEC, "--tier", "smoke", *QUIET, *args],
+    return subprocess.Popen([sys.executable, "-m", "repro", "run", spec, "--tier", "smoke", *QUIET, *args],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
@@ -249,3 +308,22 @@ def test_a_run_interrupted_on_two_processes_resumes_on_one(single_process_run, t
     resumed = _result(runs)
     assert resumed["world_size"] == 1
     assert _max_difference(_weights(runs), _weights(single_process_run / "runs")) < 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec, options", [
+    (FOLDER_SPEC, []),  # imagenet_standard
+    (FOLDER_SPEC, ["--set", "recipe.pipeline=deit", "--set", "recipe.pipeline_args.drop_last=true"]),  # RandAugment,
+    # random erasing, repeated augmentation, mixup/cutmix, label smoothing
+    (TRANSFER_SPEC, []),  # cifar_transfer through the deit recipe
+], ids=["imagenet_standard", "deit", "cifar_transfer"])
+def test_folder_pipelines_on_two_processes_train_the_same_weights_as_one(tmp_path, spec, options):
+    data = tmp_path / "data"
+    _finish(_repro(tmp_path / "one", data, *options, spec=spec))
+    _finish(_repro(tmp_path / "two", data, *options, "--nproc", "2", spec=spec))
+    multi, single = _result(tmp_path / "two"), _result(tmp_path / "one")
+    assert (multi["world_size"], multi["global_batch"], multi["per_device_batch"]) == (2, 12, 6)
+    assert multi["sync_batchnorm"] is True and single["world_size"] == 1
+    # Each rank's slice of each global batch is the single process's, augmentation and mixing included.
+    assert _max_difference(_weights(tmp_path / "two"), _weights(tmp_path / "one")) < 1e-3
+    assert multi["last_top1"] == single["last_top1"]

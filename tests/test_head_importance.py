@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from repro.errors import ReproError
-from repro.methods import Batch
+from repro.data.batch import Batch
 from repro.models import create_model
 from repro.ssta.head_importance import (
     gradient_head_importance,

@@ -11,7 +11,7 @@ from PIL import Image
 from repro.errors import ReproError
 from repro.data.imagefolder import load_imagefolder, load_imagefolder_splits, write_synthetic_imagefolder
 from repro.data.pipelines_folder import build_folder_pipeline
-from repro.methods import Batch
+from repro.data.batch import Batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,7 +18,8 @@ from repro.losses.dist import dist_loss
 from repro.losses.dkd import dkd_loss, dkd_parts
 from repro.losses.itrd import itrd_correlation_loss, itrd_mutual_loss
 from repro.losses.logit import kd_loss
-from repro.methods import Batch, Distiller, Outputs, TermContext, get_term
+from repro.data.batch import Batch
+from repro.methods import Distiller, Outputs, TermContext, get_term
 
 B, K, N, STUDENT_DIM, TEACHER_DIM = 4, 5, 10, 6, 7
 TRAIN_LABELS = torch.arange(N) % K  # two samples per class, eight negatives per class

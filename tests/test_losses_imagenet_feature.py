@@ -15,7 +15,8 @@ from repro.losses.logit import kd_loss
 from repro.losses.nd import EmbeddingProjector, class_means, nd_loss
 from repro.losses.reviewkd import AttentionFusion, build_fusions, hcl_loss, review_features
 from repro.losses.srrl import SRRLConnector, feature_mean_loss, softmax_regression_loss
-from repro.methods import Batch, Distiller, Outputs, TermContext, get_term
+from repro.data.batch import Batch
+from repro.methods import Distiller, Outputs, TermContext, get_term
 from repro.methods.base import forward_model
 from repro.models import create_model
 

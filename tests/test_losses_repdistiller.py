@@ -382,7 +382,7 @@ def test_one_step_through_the_distiller_reaches_student_and_connectors(name: str
 
 
 def _image_batch():
-    from repro.methods import Batch
+    from repro.data.batch import Batch
 
     gen = torch.Generator().manual_seed(11)
     labels = torch.arange(8) % 10

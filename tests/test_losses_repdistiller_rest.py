@@ -18,7 +18,8 @@ from repro.losses.fsp import fsp_loss
 from repro.losses.ft import factor_transfer_loss
 from repro.losses.nst import nst_loss
 from repro.losses.sp import similarity_preserving_loss
-from repro.methods import Batch, Distiller, TermContext, get_term
+from repro.data.batch import Batch
+from repro.methods import Distiller, TermContext, get_term
 from repro.methods.base import forward_model
 from repro.models import create_model
 from repro.train import student_feature_modules

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from repro.losses.nkd import nkd_loss
-from repro.methods import Batch, Outputs, TermContext, get_term
+from repro.data.batch import Batch
+from repro.methods import Outputs, TermContext, get_term
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

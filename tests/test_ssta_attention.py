@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from repro.errors import ReproError
-from repro.methods import Batch, Distiller, Outputs, TermContext, get_term
+from repro.data.batch import Batch
+from repro.methods import Distiller, Outputs, TermContext, get_term
 from repro.models import create_model
 from repro.ssta.attention import AttentionCapture, attention_kl
 

@@ -18,7 +18,8 @@ import torch
 import yaml
 
 from repro.errors import ReproError
-from repro.methods import Batch, Outputs, TermContext, get_term
+from repro.data.batch import Batch
+from repro.methods import Outputs, TermContext, get_term
 from repro.models import create_model
 from repro.plan import make_plan
 from repro.runner import execute

@@ -14,7 +14,8 @@ from repro.data.loader import (TensorLoader, apply_views, identity_views, normal
                                view_ids)
 from repro.data.teacher_cache import TeacherCache, cached_teacher_fn, checkpoint_key, fill_cache
 from repro.errors import ReproError
-from repro.methods import Batch, Distiller, TermContext, get_term
+from repro.data.batch import Batch
+from repro.methods import Distiller, TermContext, get_term
 
 NUM_IMAGES, NUM_CLASSES = 10, 7
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)

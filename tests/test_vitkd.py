@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from repro.errors import ReproError
 from repro.losses.vitkd import TokenGenerator, random_token_mask, vitkd_generation_loss, vitkd_mimic_loss
-from repro.methods import Batch, Outputs, TermContext, get_term
+from repro.data.batch import Batch
+from repro.methods import Outputs, TermContext, get_term
 from repro.models import create_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -225,7 +225,8 @@ def test_a_dino_style_checkpoint_without_classifier_loads(tmp_path):
 
 def test_distilled_xcit_has_one_head_for_ce_the_hard_kd_and_evaluation():
     from repro.analyses.resolve import with_head
-    from repro.methods import Batch, Outputs, TermContext, get_term
+    from repro.data.batch import Batch
+    from repro.methods import Outputs, TermContext, get_term
 
     torch.manual_seed(0)
     student = create_model("xcit_smoke_tiny_distilled", num_classes=5).train()

@@ -10,9 +10,10 @@ The ``fingerprint`` of a dataset is a sha256 over its source files; it keys ever
 from __future__ import annotations
 
 import hashlib
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -40,6 +41,13 @@ class ImageTensorDataset:
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
+
+    def first(self, count: Optional[int]) -> "ImageTensorDataset":
+        """The first ``count`` images (all of them when ``count`` is None or covers the split): a spec's subset."""
+        if count is None or count >= len(self):
+            return self
+        return dataclasses.replace(self, images=self.images[:count], labels=self.labels[:count],
+                                   fingerprint=f"{self.fingerprint}[:{count}]")
 
 
 DatasetReader = Callable[[Path, str, bool], ImageTensorDataset]

@@ -10,8 +10,6 @@ a pure function of (seed, epoch): the same on CPU and CUDA, and re-derived exact
 """
 from __future__ import annotations
 
-import copy
-import hashlib
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -19,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from repro.data import ImageTensorDataset
+from repro.data.batch import Batch, GlobalBatches, check_rank, epoch_generator
 from repro.errors import ReproError
-from repro.methods.base import Batch
 
 PADDING = 4  # RandomCrop(32, padding=4)
 NUM_FLIPS = 2
@@ -52,12 +50,6 @@ def views_from_ids(ids: Tensor, padding: int = PADDING) -> Tensor:
     ids = ids.long()
     offset, flip = ids // NUM_FLIPS, ids % NUM_FLIPS
     return torch.stack([offset // num_offsets(padding), offset % num_offsets(padding), flip], dim=1)
-
-
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """A CPU generator whose state depends only on (seed, epoch); hashing keeps nearby seeds' streams apart."""
-    digest = hashlib.sha256(f"repro.data.loader:{int(seed)}:{int(epoch)}".encode()).digest()
-    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
 def sample_views(count: int, generator: torch.Generator, padding: int = PADDING) -> Tensor:
@@ -98,14 +90,14 @@ def channel_stats(values: Sequence[float], channels: int, what: str, device: tor
     return torch.tensor([float(v) for v in values], dtype=torch.float32, device=device).view(1, channels, 1, 1)
 
 
-class TensorLoader:
+class TensorLoader(GlobalBatches):
     """Iterates ``Batch`` objects over a whole-tensor dataset kept on ``device``.
 
     ``train=True`` shuffles every epoch (and augments if ``augment``); ``train=False`` keeps dataset order and
     never augments. Call ``set_epoch(epoch)`` (1-based) before iterating an epoch.
 
-    ``batch_size`` is the GLOBAL batch. With ``world_size > 1`` (see ``shard``) this loader yields only rank
-    ``rank``'s contiguous slice of each global batch; the slices of all ranks put together are exactly the
+    ``batch_size`` is the GLOBAL batch. With ``world_size > 1`` (``GlobalBatches.shard``) this loader yields only
+    rank ``rank``'s contiguous slice of each global batch; the slices of all ranks put together are exactly the
     single-process batch (same images, same views, same order), so every image is seen once per epoch.
     """
 
@@ -126,29 +118,14 @@ class TensorLoader:
         self.train, self.augment, self.seed = train, augment, int(seed)
         self.drop_last, self.channels_last, self.padding = drop_last, channels_last, padding
         self.epoch = 1
-        if not 0 <= rank < world_size:
-            raise ReproError(f"rank {rank} is outside a world of {world_size} processes")
+        check_rank(rank, world_size)
         self.rank, self.world_size = int(rank), int(world_size)
 
-    def shard(self, rank: int, world_size: int) -> "TensorLoader":
-        """The same loader seen from rank ``rank`` of ``world_size`` (shares the device tensors)."""
-        if not 0 <= rank < world_size:
-            raise ReproError(f"rank {rank} is outside a world of {world_size} processes")
-        view = copy.copy(self)
-        view.rank, view.world_size = int(rank), int(world_size)
-        return view
-
-    def global_batch_size(self, number: int) -> int:
-        """Images in global batch ``number`` (0-based) over all ranks: the loss scale of a rank's slice."""
-        count = self.images.shape[0]
-        return min(self.batch_size, count - number * self.batch_size)
+    def epoch_size(self) -> int:
+        return int(self.images.shape[0])
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        count = self.images.shape[0]
-        return count // self.batch_size if self.drop_last else -(-count // self.batch_size)
 
     def epoch_plan(self) -> tuple[Tensor, Optional[Tensor]]:
         """This epoch's dataset order [N] and views [N, 3] (or None), on the CPU; a function of (seed, epoch)."""
@@ -165,13 +142,7 @@ class TensorLoader:
         host_order, host_views = self.epoch_plan()
         order = host_order.to(self.device)
         views = host_views.to(self.device) if host_views is not None else None
-        for number in range(start, len(self)):
-            lo, hi = number * self.batch_size, min((number + 1) * self.batch_size, order.shape[0])
-            if self.world_size > 1:
-                # Contiguous shares, as even as possible: rank r of W takes the r-th of W consecutive pieces.
-                base, extra = divmod(hi - lo, self.world_size)
-                lo += self.rank * base + min(self.rank, extra)
-                hi = lo + base + (1 if self.rank < extra else 0)
+        for _, lo, hi in self.rank_slices(start):
             batch = self._make_batch(order[lo:hi], views[lo:hi] if views is not None else None)
             batch.host_indices = host_order[lo:hi]
             batch.host_views = host_views[lo:hi] if host_views is not None else None

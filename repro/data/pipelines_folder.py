@@ -1,4 +1,4 @@
-"""Data pipelines over an ImageNet-style folder that yield ``repro.methods.base.Batch`` objects.
+"""Data pipelines over an ImageNet-style folder that yield ``repro.data.batch.Batch`` objects.
 
 Two recipes, registered in ``FOLDER_RECIPES``:
 
@@ -19,13 +19,14 @@ Two recipes, registered in ``FOLDER_RECIPES``:
 With mixup and cutmix off, a positive ``smoothing`` is applied here as smoothed one-hot soft targets
 (identical to DeiT's ``LabelSmoothingCrossEntropy``), so the ``ce`` term needs no smoothing of its own.
 
-Randomness: the sampler order depends on (seed, epoch) only, and so does every training image's augmentation:
-the sampler hands each position of the epoch its own seed (drawn from (seed, epoch, rank)), and the image is
-transformed under that seed (python, numpy and torch RNGs; the main process's own RNG states are restored
-after each image). An epoch's batches are therefore the same with any number of workers, with workers that
-persist across epochs (``persistent_workers``: no re-fork per epoch) or fresh ones, and after a resume at that
-epoch. Mixup/CutMix (timm) draws from numpy's global RNG in the main process (seeded by the runner, saved in
-checkpoints).
+Randomness: the sampler's order of the epoch depends on (seed, epoch) only, and so does every training image's
+augmentation: each position of the epoch gets its own seed from ``repro.data.batch.epoch_generator`` (seed, epoch;
+never the rank), and the image is transformed under that seed (python, numpy and torch RNGs; the main process's
+own RNG states are restored after each image). Mixup/CutMix (timm) draws its parameters under a seed of the global
+batch. An epoch's batches are therefore the same with any number of workers, with workers that persist across
+epochs (``persistent_workers``: no re-fork per epoch) or fresh ones, after a resume at that epoch, and on any
+number of processes (``GlobalBatches``: rank r takes its contiguous slice of each global batch; see
+``FolderLoader`` for how a slice is mixed with images of other ranks' slices).
 """
 from __future__ import annotations
 
@@ -33,26 +34,20 @@ import hashlib
 import json
 import math
 import os
-import random
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
-
-import numpy as np
+from typing import Any, Callable, Optional
 
 import torch
-import torch.distributed as dist
-from timm.data import Mixup, create_transform
-from timm.data.distributed_sampler import RepeatAugSampler
+from timm.data import create_transform
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, SequentialSampler
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from repro.errors import ReproError
+from repro.data.folder_loader import FolderLoader, ShuffleSampler, _SeededRepeatAugSampler
 from repro.data.imagefolder import IndexedImageFolder, load_imagefolder_splits
-from repro.methods.base import Batch
+from repro.errors import ReproError
 from repro.registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -171,171 +166,7 @@ FOLDER_RECIPE_OPTIONS: dict[str, dict[str, Any]] = {"imagenet_standard": _STANDA
 
 
 # ----------------------------------------------------------------------------------------------------------
-# samplers and loaders
-
-def _replicas() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return int(seed) * 1_000_003 + int(epoch)
-
-
-class ShuffleSampler(Sampler[int]):
-    """A fresh permutation per (seed, epoch), split across distributed ranks (padded to equal length)."""
-
-    def __init__(self, size: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
-        self.size, self.seed, self.num_replicas, self.rank = size, seed, num_replicas, rank
-        self.num_samples = math.ceil(size / num_replicas)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
-        order = torch.randperm(self.size, generator=generator).tolist()
-        order += order[: self.num_samples * self.num_replicas - self.size]
-        return iter(order[self.rank::self.num_replicas])
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
-class _SeededRepeatAugSampler(RepeatAugSampler):
-    """timm's RepeatAugSampler (DeiT's RASampler), whose per-epoch shuffle also depends on the run's seed."""
-
-    def __init__(self, dataset: Any, seed: int, num_repeats: int, num_replicas: int, rank: int) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, num_repeats=num_repeats)
-        self.seed = seed
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(_epoch_seed(self.seed, epoch))
-
-
-class SeededSampler(Sampler[tuple[int, int]]):
-    """Yields ``(index, seed)``: the wrapped sampler's order, and one seed per position of the epoch drawn from
-    (run seed, epoch, rank), so that each image's augmentation is a pure function of the epoch, whichever worker
-    (fresh or persistent) transforms it."""
-
-    def __init__(self, sampler: Sampler[int], seed: int, rank: int = 0) -> None:
-        self.sampler, self.seed, self.rank = sampler, int(seed), int(rank)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = list(iter(self.sampler))
-        digest = hashlib.sha256(f"repro.folder:{self.seed}:{self.epoch}:{self.rank}".encode()).digest()
-        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-        seeds = torch.randint(0, 2**62, (len(order),), generator=generator).tolist()
-        return iter(zip(order, seeds))
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-
-@contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Run with python/numpy/torch RNGs seeded by ``seed``; the caller's states are put back afterwards."""
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.random.default_generator.manual_seed(seed)  # the CPU generator only: CUDA's stream stays the run's
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
-
-
-class SeededDataset(Dataset):
-    """``dataset[index]`` transformed under the seed a ``SeededSampler`` paired with it."""
-
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        index, seed = key
-        with _seeded(seed):
-            return self.dataset[index]
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-
-class FolderLoader:
-    """Iterates ``Batch`` objects on ``device``; ``set_epoch(epoch)`` (1-based) reshuffles and stamps batches.
-
-    Training loaders transform each image under its own seed (``SeededSampler``), so their workers can persist
-    across epochs; with ``workers > 0`` they do (no re-fork, no re-import of the dataset each epoch).
-    """
-
-    def __init__(self, dataset: IndexedImageFolder, batch_size: int, sampler: Sampler, workers: int,
-                 device: torch.device, seed: int, train: bool, num_classes: int,
-                 mixup: Optional[dict[str, Any]] = None, smoothing: float = 0.0, drop_last: bool = False) -> None:
-        self.dataset = dataset
-        loaded: Any = dataset
-        if train:
-            sampler = SeededSampler(sampler, seed, rank=getattr(sampler, "rank", 0))
-            loaded = SeededDataset(dataset)
-        self.sampler = sampler
-        self.device = torch.device(device)
-        self.seed = seed
-        self.train = train
-        self.num_classes = num_classes
-        self.smoothing = smoothing
-        self.epoch = 1
-        self.mixup = Mixup(num_classes=num_classes, **mixup) if mixup else None
-        self._generator = torch.Generator()
-        self.loader = DataLoader(loaded, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                 pin_memory=self.device.type == "cuda", drop_last=drop_last,
-                                 persistent_workers=workers > 0, generator=self._generator)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(self.epoch)
-        self._generator.manual_seed(_epoch_seed(self.seed, self.epoch) + (0 if self.train else 7))
-
-    def __len__(self) -> int:
-        """Batches per epoch."""
-        return len(self.loader)
-
-    @property
-    def num_samples(self) -> int:
-        """Images in the underlying split (not per epoch: repeated augmentation and drop_last change that)."""
-        return len(self.dataset)
-
-    def _targets(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        if self.mixup is not None:
-            return self.mixup(images, labels)
-        if self.train and self.smoothing > 0:
-            off = self.smoothing / self.num_classes
-            soft = torch.full((labels.shape[0], self.num_classes), off, device=labels.device)
-            return images, soft.scatter_(1, labels[:, None], 1.0 - self.smoothing + off)
-        return images, labels
-
-    def __iter__(self) -> Iterator[Batch]:
-        non_blocking = self.device.type == "cuda"
-        for images, labels, indices in self.loader:
-            images = images.to(self.device, non_blocking=non_blocking)
-            labels = labels.to(self.device, non_blocking=non_blocking)
-            hard = labels.clone()
-            images, targets = self._targets(images, labels)
-            yield Batch(images=images, targets=targets, labels=hard,
-                        indices=indices.to(self.device, non_blocking=non_blocking), epoch=self.epoch,
-                        host_indices=indices)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the builder
+# the builder: one assembly for every folder-recipe pipeline (the ImageNet folder, CIFAR upsampled for transfer)
 
 def folder_fingerprint(name: str, image_size: int, options: dict[str, Any], root: Path,
                        datasets: tuple[IndexedImageFolder, ...]) -> str:
@@ -346,6 +177,30 @@ def folder_fingerprint(name: str, image_size: int, options: dict[str, Any], root
         for path, label in dataset.samples:
             digest.update(f"{os.path.relpath(path, root)}\t{label}\n".encode())
     return digest.hexdigest()
+
+
+def assemble_loaders(name: str, recipe: FolderRecipe, train_set: Dataset, test_set: Dataset, num_classes: int,
+                     batch_size: int, eval_batch_size: Optional[int], seed: int, device: torch.device | str,
+                     workers: int, where: str) -> tuple[FolderLoader, FolderLoader]:
+    """The training and test loaders of folder recipe ``recipe`` (called ``name``) over two datasets whose items
+    are ``(image, label, index)``; ``where`` names the training data in errors."""
+    if recipe.mixup is not None and batch_size % 2:
+        raise ReproError(f"pipeline {name!r} mixes pairs of images and needs an even batch size, got {batch_size}")
+    if recipe.mixup is not None and not recipe.drop_last:
+        raise ReproError(f"pipeline {name!r} mixes pairs of images per batch: drop_last must stay true (an odd "
+                         f"last batch cannot be mixed; DeiT drops it)")
+    if batch_size > len(train_set):
+        raise ReproError(f"batch size {batch_size} exceeds the {len(train_set)} training images {where}")
+    sampler: Sampler = (_SeededRepeatAugSampler(train_set, seed, recipe.repeated_aug) if recipe.repeated_aug > 1
+                        else ShuffleSampler(len(train_set), seed))
+    device = torch.device(device)
+    train = FolderLoader(train_set, batch_size, sampler, workers, device, seed, True, num_classes,
+                         recipe.mixup, recipe.smoothing, drop_last=recipe.drop_last)
+    test = FolderLoader(test_set, eval_batch_size or batch_size, SequentialSampler(test_set), workers, device,
+                        seed, False, num_classes)
+    train.set_epoch(1)
+    test.set_epoch(1)
+    return train, test
 
 
 def build_folder_pipeline(name: str, root: str | os.PathLike, image_size: int, batch_size: int, seed: int,
@@ -362,25 +217,8 @@ def build_folder_pipeline(name: str, root: str | os.PathLike, image_size: int, b
     root_path = Path(root).expanduser()
     train_set, val_set = load_imagefolder_splits(root_path, recipe.train_transform, recipe.eval_transform)
     num_classes = len(train_set.classes)
-    if recipe.mixup is not None and batch_size % 2:
-        raise ReproError(f"pipeline {name!r} mixes pairs of images and needs an even batch size, got {batch_size}")
-    if recipe.mixup is not None and not recipe.drop_last:
-        raise ReproError(f"pipeline {name!r} mixes pairs of images per batch: drop_last must stay true (an odd "
-                         f"last batch cannot be mixed; DeiT drops it)")
-    if batch_size > len(train_set):
-        raise ReproError(f"batch size {batch_size} exceeds the {len(train_set)} training images in {root_path}")
-    replicas, rank = _replicas()
-    if recipe.repeated_aug > 1:
-        sampler: Sampler = _SeededRepeatAugSampler(train_set, seed, recipe.repeated_aug, replicas, rank)
-    else:
-        sampler = ShuffleSampler(len(train_set), seed, replicas, rank)
-    device = torch.device(device)
-    train = FolderLoader(train_set, batch_size, sampler, workers, device, seed, True, num_classes,
-                         recipe.mixup, recipe.smoothing, drop_last=recipe.drop_last)
-    test = FolderLoader(val_set, eval_batch_size or batch_size, torch.utils.data.SequentialSampler(val_set), workers,
-                        device, seed, False, num_classes)
-    train.set_epoch(1)
-    test.set_epoch(1)
+    train, test = assemble_loaders(name, recipe, train_set, val_set, num_classes, batch_size, eval_batch_size, seed,
+                                   device, workers, f"in {root_path}")
     labels = torch.tensor(train_set.targets, dtype=torch.long)
     fingerprint = folder_fingerprint(name, image_size, recipe.options, root_path, (train_set, val_set))
     return train, test, labels, num_classes, fingerprint

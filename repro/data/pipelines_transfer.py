@@ -11,35 +11,31 @@ erasing). At ``image_size`` 32 the ``deit`` recipe switches to its CIFAR-sized v
 what the smoke tier runs.
 
 ``pipeline_args``: ``image_size`` (224), ``workers`` (0), ``augmentation`` (``deit``), and any option of that recipe.
+The loaders are the folder pipelines' own (``assemble_loaders``); reading the recipe is ``repro.pipelines``'s job.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, SequentialSampler
+from torch.utils.data import Dataset
 
-from repro.data import ImageTensorDataset, load_dataset
+from repro.data import ImageTensorDataset
+from repro.data.batch import DataBundle
 from repro.data.pipelines_folder import (
     FOLDER_RECIPE_OPTIONS,
     FOLDER_RECIPES,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    FolderLoader,
-    ShuffleSampler,
-    _replicas,
-    _SeededRepeatAugSampler,
+    assemble_loaders,
 )
 from repro.errors import ReproError
-from repro.pipelines import PIPELINE_ARGS, PIPELINES, DataBundle, data_root
-
-if TYPE_CHECKING:  # the trainer's run config, as a type only (the data layer imports nothing above it)
-    from repro.train_config import TrainRecipe as Recipe
 
 DEFAULT_IMAGE_SIZE = 224
+PIPELINE_NAME = "cifar_transfer"
 
 
 class PILImageDataset(Dataset):
@@ -57,76 +53,38 @@ class PILImageDataset(Dataset):
         return self.transform(Image.fromarray(self.images[index])), self.labels[index], index
 
 
-def read_cifar_splits(recipe: Recipe) -> tuple[ImageTensorDataset, ImageTensorDataset]:
-    """Train and test splits of ``recipe.data`` (synthetic smoke data is generated first, in the real layout)."""
-    from repro.data.synthetic import SMOKE_ARGS, ensure_synthetic_cifar, read_synthetic_cifar
-
-    name, root = recipe.data.name, data_root(recipe)
-    if recipe.data.synthetic is not None:
-        if name not in SMOKE_ARGS:
-            raise ReproError(f"synthetic data exists for {sorted(SMOKE_ARGS)}, not for {name!r}")
-        # The class count follows the dataset (10 or 100) unless the spec says otherwise.
-        args = {"num_classes": SMOKE_ARGS[name]["num_classes"], **recipe.data.synthetic, "variant": name}
-        ensure_synthetic_cifar(root, **args)
-        train, test = (read_synthetic_cifar(root, split, name) for split in ("train", "test"))
-    else:
-        train, test = (load_dataset(name, root, split, download=recipe.data.download) for split in ("train", "test"))
-    return _first(train, recipe.data.train_subset), _first(test, recipe.data.test_subset)
-
-
-def _first(data: ImageTensorDataset, count: int | None) -> ImageTensorDataset:
-    if count is None or count >= len(data):
-        return data
-    return ImageTensorDataset(images=data.images[:count], labels=data.labels[:count], num_classes=data.num_classes,
-                              name=data.name, fingerprint=f"{data.fingerprint}[:{count}]")
-
-
-def _check_normalization(recipe: Recipe) -> None:
-    # The folder recipes normalise with ImageNet statistics (the models were pretrained with them); a spec that
-    # asks for other statistics would silently get these, so it is refused instead.
-    norm = recipe.normalization
-    if any(abs(a - b) > 1e-4 for a, b in zip([*norm.mean, *norm.std], [*IMAGENET_MEAN, *IMAGENET_STD])):
+def check_normalization(mean: Sequence[float], std: Sequence[float]) -> None:
+    """The folder recipes normalise with ImageNet statistics (the models were pretrained with them); a spec that
+    asks for other statistics would silently get these, so it is refused instead."""
+    if any(abs(a - b) > 1e-4 for a, b in zip([*mean, *std], [*IMAGENET_MEAN, *IMAGENET_STD])):
         raise ReproError(f"the transfer pipeline normalises with ImageNet mean/std {IMAGENET_MEAN}/{IMAGENET_STD}; "
-                         f"the recipe asks for {norm.mean}/{norm.std}")
+                         f"the recipe asks for {list(mean)}/{list(std)}")
 
 
-def build_transfer_pipeline(recipe: Recipe, seed: int, device: torch.device) -> DataBundle:
-    """CIFAR (real or synthetic) upsampled to ``image_size`` through a folder recipe's transforms and mixing."""
-    _check_normalization(recipe)
-    options = dict(recipe.pipeline_args)
+def transfer_arg_names(args: dict[str, Any]) -> list[str]:
+    """The ``pipeline_args`` keys the transfer pipeline takes (the chosen recipe's options among them)."""
+    return ["image_size", "workers", "augmentation",
+            *FOLDER_RECIPE_OPTIONS.get(str(args.get("augmentation", "deit")), {})]
+
+
+def build_transfer_pipeline(train_data: ImageTensorDataset, test_data: ImageTensorDataset, batch_size: int,
+                            eval_batch_size: Optional[int], seed: int, device: torch.device,
+                            **pipeline_args: Any) -> DataBundle:
+    """CIFAR splits (real or synthetic) upsampled to ``image_size`` through a folder recipe's transforms and mixing."""
+    options = dict(pipeline_args)
     image_size = int(options.pop("image_size", DEFAULT_IMAGE_SIZE))
     workers = int(options.pop("workers", 0))
     augmentation = str(options.pop("augmentation", "deit"))
     folder_recipe = FOLDER_RECIPES.get(augmentation)(image_size, **options)
-    train_data, test_data = read_cifar_splits(recipe)
-    if folder_recipe.mixup is not None and recipe.batch_size % 2:
-        raise ReproError(f"mixup/cutmix mix pairs of images and need an even batch size, got {recipe.batch_size}")
-    if recipe.batch_size > len(train_data):
-        raise ReproError(f"batch size {recipe.batch_size} exceeds the {len(train_data)} training images of "
-                         f"{recipe.data.name}")
     train_set = PILImageDataset(train_data, folder_recipe.train_transform)
     test_set = PILImageDataset(test_data, folder_recipe.eval_transform)
-    replicas, rank = _replicas()
-    sampler = (_SeededRepeatAugSampler(train_set, seed, folder_recipe.repeated_aug, replicas, rank)
-               if folder_recipe.repeated_aug > 1 else ShuffleSampler(len(train_set), seed, replicas, rank))
     num_classes = train_data.num_classes
-    train = FolderLoader(train_set, recipe.batch_size, sampler, workers, device, seed, True, num_classes,
-                         folder_recipe.mixup, folder_recipe.smoothing)
-    test = FolderLoader(test_set, recipe.eval_batch_size, SequentialSampler(test_set), workers, device, seed, False,
-                        num_classes)
-    train.set_epoch(1)
-    test.set_epoch(1)
+    train, test = assemble_loaders(f"{PIPELINE_NAME} ({augmentation})", folder_recipe, train_set, test_set,
+                                   num_classes, batch_size, eval_batch_size, seed, device, workers,
+                                   f"of {train_data.name}")
     recipe_text = json.dumps({"augmentation": augmentation, "image_size": image_size,
                               "options": folder_recipe.options}, sort_keys=True, default=str)
     fingerprint = hashlib.sha256(f"{train_data.fingerprint}+{test_data.fingerprint}+{recipe_text}".encode())
     return DataBundle(train=train, test=test, train_labels=train_data.labels.clone(), num_classes=num_classes,
                       fingerprint=fingerprint.hexdigest(), image_size=image_size, train_size=len(train_set),
                       test_size=len(test_set))
-
-
-PIPELINE_NAME = "cifar_transfer"
-# Registered on import (idempotent: the registry accepts the same object twice); importing this module from
-# repro.pipelines makes the name available to every recipe.
-PIPELINES.register(PIPELINE_NAME)(build_transfer_pipeline)
-PIPELINE_ARGS[PIPELINE_NAME] = lambda args: ["image_size", "workers", "augmentation",
-                                             *FOLDER_RECIPE_OPTIONS.get(str(args.get("augmentation", "deit")), {})]

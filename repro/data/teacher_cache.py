@@ -45,7 +45,7 @@ from repro.data import ImageTensorDataset
 from repro.data.loader import (PADDING, apply_views, channel_stats, identity_views, normalize, num_views, view_ids,
                                views_from_ids)
 from repro.errors import ReproError
-from repro.methods.base import Batch
+from repro.data.batch import Batch
 
 CACHE_FORMAT = 2  # 2: per-entry checksums
 DTYPES = {"float16": np.float16, "float32": np.float32}

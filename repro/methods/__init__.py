@@ -3,11 +3,11 @@
 list to edit."""
 from __future__ import annotations
 
-from repro.methods.base import LOSS_TERMS, Batch, Distiller, LossTerm, Outputs, TermContext
+from repro.methods.base import LOSS_TERMS, Distiller, LossTerm, Outputs, TermContext
 
 
 def get_term(name: str) -> type[LossTerm]:
     return LOSS_TERMS.get(name)
 
 
-__all__ = ["LOSS_TERMS", "Batch", "Distiller", "LossTerm", "Outputs", "TermContext", "get_term"]
+__all__ = ["LOSS_TERMS", "Distiller", "LossTerm", "Outputs", "TermContext", "get_term"]

@@ -7,7 +7,8 @@ from torch import Tensor
 
 from repro.domains import POSITIVE
 from repro.losses.at import at_loss
-from repro.methods.base import LOSS_TERMS, Batch, LossTerm, Outputs, TermContext
+from repro.data.batch import Batch
+from repro.methods.base import LOSS_TERMS, LossTerm, Outputs, TermContext
 
 
 @LOSS_TERMS.register("at")

@@ -17,25 +17,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from repro.data.batch import Batch
 from repro.domains import Domain
 from repro.errors import ReproError
 from repro.registry import Registry
-
-
-@dataclass
-class Batch:
-    """One training batch, already augmented, normalised and on the device."""
-
-    images: Tensor
-    targets: Tensor  # int64 labels [B], or soft targets [B, K] under mixup/cutmix
-    labels: Tensor  # always the hard int64 labels [B]
-    indices: Tensor  # dataset indices [B] (CRD's memory bank, the teacher-output cache)
-    epoch: int  # 1-based
-    views: Optional[Tensor] = None  # [B, 3] (dy, dx, flip) of the discrete CIFAR augmentation, else None
-    # CPU copies of indices / views where the loader has them: host-side lookups (the teacher-output cache) then
-    # need no device-to-host read.
-    host_indices: Optional[Tensor] = None
-    host_views: Optional[Tensor] = None
 
 
 @dataclass

@@ -7,7 +7,8 @@ from torch import Tensor
 
 from repro.domains import POSITIVE_INT
 from repro.losses.cc import LinearEmbed, correlation_congruence_loss
-from repro.methods.base import LOSS_TERMS, Batch, LossTerm, Outputs, TermContext
+from repro.data.batch import Batch
+from repro.methods.base import LOSS_TERMS, LossTerm, Outputs, TermContext
 from repro.methods.crd import last_feature_dims
 
 

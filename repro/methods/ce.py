@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from repro.domains import PROBABILITY
-from repro.methods.base import LOSS_TERMS, Batch, LossTerm, Outputs, TermContext
+from repro.data.batch import Batch
+from repro.methods.base import LOSS_TERMS, LossTerm, Outputs, TermContext
 
 
 @LOSS_TERMS.register("ce")

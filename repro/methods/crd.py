@@ -12,7 +12,8 @@ from repro.errors import ReproError
 from repro.losses.crd import (CONTRAST_MODES, ContrastMemory, EmbedHead, class_size_bounds, nce_contrast_loss,
                               sample_contrast_indices)
 from repro.domains import POSITIVE, POSITIVE_INT, PROBABILITY, one_of
-from repro.methods.base import LOSS_TERMS, Batch, LossTerm, Outputs, TermContext
+from repro.data.batch import Batch
+from repro.methods.base import LOSS_TERMS, LossTerm, Outputs, TermContext
 
 
 def last_feature_dims(ctx: TermContext, term: str) -> tuple[int, int]:

@@ -13,7 +13,8 @@ from repro.domains import FINITE, NONNEGATIVE, POSITIVE, POSITIVE_INT, one_of, o
 from repro.errors import ReproError
 from repro.losses import dkd_loss, kd_loss
 from repro.losses.ctkd import curriculum_temperature, reversal_strength
-from repro.methods.base import LOSS_TERMS, Batch, LossTerm, Outputs, TermContext
+from repro.data.batch import Batch
+from repro.methods.base import LOSS_TERMS, LossTerm, Outputs, TermContext
 
 BASES = ("kd", "dkd")
 

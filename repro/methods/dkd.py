@@ -6,7 +6,8 @@ from torch import Tensor
 from repro.errors import ReproError
 from repro.losses.dkd import dkd_loss
 from repro.domains import EPOCHS, NONNEGATIVE, POSITIVE
-from repro.methods.base import LOSS_TERMS, Batch, LossTerm, Outputs, TermContext
+from repro.data.batch import Batch
+from repro.methods.base import LOSS_TERMS, LossTerm, Outputs, TermContext
 
 
 @LOSS_TERMS.register("dkd")

@@ -10,7 +10,8 @@ from torch import Tensor
 from repro.domains import Domain
 from repro.errors import ReproError
 from repro.losses.fitnet import ConvRegressor, hint_loss
-from repro.methods.base import LOSS_TERMS, Batch, LossTerm, Outputs, TermContext, feature_shapes
+from repro.data.batch import Batch
+from repro.methods.base import LOSS_TERMS, LossTerm, Outputs, TermContext, feature_shapes
 
 FEATURE_INDEX = Domain("an integer >= 0", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0)
 

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from repro.domains import EPOCHS, POSITIVE, optional
 from repro.losses.ft import Paraphraser, Translator, factor_transfer_loss
-from repro.methods.base import LOSS_TERMS, Batch, InitStage, LossTerm, Outputs, TermContext
+from repro.data.batch import Batch
+from repro.methods.base import LOSS_TERMS, InitStage, LossTerm, Outputs, TermContext
 from repro.methods.shapes import probed_shapes
 
 

@@ -21,7 +21,8 @@ from repro.domains import EPOCHS, NONNEGATIVE, POSITIVE, POSITIVE_INT, optional
 from repro.errors import ReproError
 from repro.losses.logit import kd_loss
 from repro.losses.nd import EmbeddingProjector, class_means, nd_loss
-from repro.methods.base import LOSS_TERMS, Batch, LossTerm, Outputs, TermContext, forward_model
+from repro.data.batch import Batch
+from repro.methods.base import LOSS_TERMS, LossTerm, Outputs, TermContext, forward_model
 from repro.ssta.head_importance import preserved_rng
 
 

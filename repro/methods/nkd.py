@@ -5,7 +5,8 @@ from torch import Tensor
 
 from repro.domains import NONNEGATIVE, POSITIVE
 from repro.losses.nkd import nkd_loss
-from repro.methods.base import LOSS_TERMS, Batch, LossTerm, Outputs, TermContext
+from repro.data.batch import Batch
+from repro.methods.base import LOSS_TERMS, LossTerm, Outputs, TermContext
 
 
 def hard_labels(batch: Batch) -> Tensor:

@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 
 from repro.losses.pkt import pkt_loss
-from repro.methods.base import LOSS_TERMS, Batch, LossTerm, Outputs, TermContext
+from repro.data.batch import Batch
+from repro.methods.base import LOSS_TERMS, LossTerm, Outputs, TermContext
 
 
 @LOSS_TERMS.register("pkt")

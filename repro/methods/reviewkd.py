@@ -16,7 +16,8 @@ from torch import Tensor
 from repro.domains import EPOCHS, POSITIVE_INT, optional
 from repro.errors import ReproError
 from repro.losses.reviewkd import build_fusions, hcl_loss, review_features
-from repro.methods.base import LOSS_TERMS, Batch, LossTerm, Outputs, TermContext
+from repro.data.batch import Batch
+from repro.methods.base import LOSS_TERMS, LossTerm, Outputs, TermContext
 
 
 @LOSS_TERMS.register("reviewkd")

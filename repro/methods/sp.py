@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from repro.losses.sp import similarity_preserving_loss
-from repro.methods.base import LOSS_TERMS, Batch, LossTerm, Outputs
+from repro.data.batch import Batch
+from repro.methods.base import LOSS_TERMS, LossTerm, Outputs
 
 
 @LOSS_TERMS.register("sp")

@@ -10,7 +10,8 @@ from torch import Tensor
 from repro.domains import NONNEGATIVE
 from repro.errors import ReproError
 from repro.losses.srrl import SRRLConnector, feature_mean_loss, softmax_regression_loss
-from repro.methods.base import LOSS_TERMS, Batch, LossTerm, Outputs, TermContext
+from repro.data.batch import Batch
+from repro.methods.base import LOSS_TERMS, LossTerm, Outputs, TermContext
 
 
 def teacher_classifier(ctx: TermContext, term: str) -> nn.Module:

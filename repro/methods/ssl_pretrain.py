@@ -22,7 +22,8 @@ from torch import Tensor
 
 from repro.errors import ReproError
 from repro.domains import BOOLEAN, OPEN_UNIT
-from repro.methods.base import LOSS_TERMS, Batch, LossTerm, Outputs, TermContext
+from repro.data.batch import Batch
+from repro.methods.base import LOSS_TERMS, LossTerm, Outputs, TermContext
 from repro.ssta.attention import unwrap_vit
 
 

@@ -66,7 +66,8 @@ from torch import Tensor
 from repro.domains import (BOOLEAN, NONNEGATIVE, POSITIVE, POSITIVE_EPOCHS, POSITIVE_INT, one_of, optional,
                             or_values)
 from repro.errors import ReproError
-from repro.methods.base import LOSS_TERMS, Batch, LossTerm, Outputs, TermContext
+from repro.data.batch import Batch
+from repro.methods.base import LOSS_TERMS, LossTerm, Outputs, TermContext
 from repro.ssta.attention import READINGS, AttentionCapture, attention_kl, resolve_reading
 from repro.ssta.head_importance import (
     SELECTION_RULES,

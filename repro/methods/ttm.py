@@ -5,7 +5,8 @@ from torch import Tensor
 
 from repro.losses import ttm_loss
 from repro.domains import POSITIVE
-from repro.methods.base import LOSS_TERMS, Batch, LossTerm, Outputs, TermContext
+from repro.data.batch import Batch
+from repro.methods.base import LOSS_TERMS, LossTerm, Outputs, TermContext
 
 
 @LOSS_TERMS.register("ttm")

@@ -9,7 +9,8 @@ from torch import Tensor
 from repro.domains import POSITIVE
 from repro.errors import ReproError
 from repro.losses.vid import VID_EPS, VID_INIT_PRED_VAR, VIDRegressor
-from repro.methods.base import LOSS_TERMS, Batch, LossTerm, Outputs, TermContext, feature_shapes
+from repro.data.batch import Batch
+from repro.methods.base import LOSS_TERMS, LossTerm, Outputs, TermContext, feature_shapes
 
 
 @LOSS_TERMS.register("vid")

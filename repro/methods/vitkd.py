@@ -12,7 +12,8 @@ from torch import Tensor
 from repro.domains import NONNEGATIVE, OPEN_UNIT, POSITIVE_INT
 from repro.errors import ReproError
 from repro.losses.vitkd import TokenGenerator, random_token_mask, vitkd_generation_loss, vitkd_mimic_loss
-from repro.methods.base import LOSS_TERMS, Batch, LossTerm, Outputs, TermContext
+from repro.data.batch import Batch
+from repro.methods.base import LOSS_TERMS, LossTerm, Outputs, TermContext
 
 
 def token_layout(model: nn.Module | None, role: str) -> tuple[int, int]:

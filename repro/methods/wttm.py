@@ -18,7 +18,8 @@ from torch import Tensor
 from repro.errors import ReproError
 from repro.losses import wttm_loss, wttm_weight
 from repro.domains import BOOLEAN, POSITIVE, POSITIVE_INT, optional
-from repro.methods.base import LOSS_TERMS, Batch, LossTerm, Outputs, TermContext
+from repro.data.batch import Batch
+from repro.methods.base import LOSS_TERMS, LossTerm, Outputs, TermContext
 
 
 def mean_teacher_weight(ctx: TermContext, gamma: float, max_batches: Optional[int] = None) -> float:
