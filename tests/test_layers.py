@@ -76,15 +76,7 @@ LAYER_OF: dict[str, tuple[str, str]] = {
 
 # Known violations that other branches of issue 12 remove; the lead empties this at merge. Each entry is an import
 # edge (importer, imported) with who fixes it.
-EXPECTED_TO_BE_FIXED_ELSEWHERE: dict[tuple[str, str], str] = {
-    # helper shard: Batch moves to repro/data/batch.py
-    ("repro.data.loader", "repro.methods.base"): "Batch -> repro.data.batch (shard)",
-    ("repro.data.pipelines_folder", "repro.methods.base"): "Batch -> repro.data.batch (shard)",
-    ("repro.data.teacher_cache", "repro.methods.base"): "Batch -> repro.data.batch (shard)",
-    ("repro.pipelines", "repro.methods.base"): "Batch -> repro.data.batch (shard)",
-    # helper io: atomic writes move to repro/core/io.py
-    ("repro.train", "repro.store"): "atomic_torch_save -> repro.core.io (io)",
-}
+EXPECTED_TO_BE_FIXED_ELSEWHERE: dict[tuple[str, str], str] = {}  # none left: the redesign fixed them all
 
 
 def module_name(path: Path) -> str:
@@ -204,12 +196,6 @@ def test_dependencies_point_one_way():
     unexpected = [f"{a} ({'/'.join(filter(None, layer_of(a)))}) imports {b} ({'/'.join(filter(None, layer_of(b)))})"
                   for a, b in found if (a, b) not in EXPECTED_TO_BE_FIXED_ELSEWHERE]
     assert not unexpected, "imports against the layer order:\n" + "\n".join(unexpected)
-
-
-def test_the_allowlist_names_only_violations_that_still_exist():
-    # Once a fix lands, its entry must go: the allowlist never hides a new import of the same edge.
-    stale = sorted(set(EXPECTED_TO_BE_FIXED_ELSEWHERE) - set(violations(import_graph())))
-    assert not stale, f"fixed: remove from EXPECTED_TO_BE_FIXED_ELSEWHERE: {stale}"
 
 
 # -- the checker itself ---------------------------------------------------------------------------------------
