@@ -18,10 +18,16 @@ export OMP_NUM_THREADS ?= 1
 RUN_ARGS = --tier $(TIER) $(if $(SEEDS),--seeds $(SEEDS),) $(if $(filter-out 1,$(NPROC)),--nproc $(NPROC),) \
 	$(if $(JOBS),--jobs $(JOBS),) $(if $(filter-out local,$(EXECUTOR)),--executor $(EXECUTOR),)
 
-.PHONY: help install test smoke figures bench teachers schema clean-smoke
+# `make test`: every test not marked slow, on all cores (pytest-xdist; one test file per worker, so a file's
+# module fixtures are built once); `make test-all` adds the slow end-to-end ones. TEST_WORKERS=0 runs in-process.
+TEST_WORKERS ?= auto
+PYTEST = HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
+.PHONY: help install test test-all smoke figures bench teachers schema clean-smoke
 help:
 	@echo "make install                         create $(VENV) and install repro with its test extras"
-	@echo "make test                            the test suite (installs first)"
+	@echo "make test                            the fast tests, on all cores (installs first; TEST_WORKERS=n)"
+	@echo "make test-all                        every test, the slow end-to-end ones too (what CI runs)"
 	@echo "make table-wttm-cifar100 TIER=smoke  run + render tables/wttm-cifar100.md (TIER=smoke|proxy|full, SEEDS=n)"
 	@echo "make table-<output>                  any output: wttm-cifar100, wttm-imagenet, ssta, ...  (repro specs)"
 	@echo "     ... NPROC=2                     each run on 2 processes (torchrun + DDP; the global batch is kept)"
@@ -40,7 +46,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	$(PYTEST) -m "not slow"
+
+test-all: install
+	$(PYTEST)
 
 table-%: install
 	$(REPRO) table $* $(RUN_ARGS)

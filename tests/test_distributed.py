@@ -188,6 +188,7 @@ def _gloo_worker(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned gloo processes: the heaviest of the fast suite, so `make test-all` only
 def test_global_batchnorm_on_two_gloo_processes_is_batchnorm_on_the_whole_batch(tmp_path):
     mp.spawn(_gloo_worker, args=(2, str(tmp_path / "rdzv"), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]

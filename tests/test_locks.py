@@ -12,6 +12,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from repro.locks import RunLock
 from tests.conftest import TINY_SPEC
 
@@ -114,6 +116,7 @@ def test_racing_for_a_stale_lock_has_exactly_one_winner(tmp_path):
     winners[0].release()
 
 
+@pytest.mark.slow  # two `repro run` processes training a spec: the heaviest of the fast suite, so `make test-all` only
 def test_two_repro_runs_on_one_spec_train_every_run_exactly_once(tmp_path):
     from repro.compare import compare_plan
     from repro.plan import make_plan

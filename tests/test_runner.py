@@ -122,6 +122,7 @@ def _student_result(store: Path) -> dict:
     return next(r for r in results if " KD " in r["label"])
 
 
+@pytest.mark.slow  # three `repro run` processes, one killed mid-epoch: the heaviest of the fast suite, so `make test-all` only
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     data = tmp_path / "data"
     clean = tmp_path / "clean"

@@ -64,6 +64,7 @@ def test_compile_compiles_the_training_step_and_says_so(tmp_path, workdirs):
     create_model("resnet8", num_classes=100).load_state_dict(state)
 
 
+@pytest.mark.slow  # trains teachers and students through the cache end to end: the heaviest of the fast suite, so `make test-all` only
 def test_teacher_cache_stamps_what_ran_and_a_float32_prefill_is_the_file_training_opens(tmp_path, workdirs):
     from repro.runner import cache_teachers
     from repro.teacher_outputs import cache_dir

@@ -264,6 +264,7 @@ TINY_SPEC = tiny_ssta_spec(
             "reported": {"status": "not_transcribed"}} for reading in READINGS])
 
 
+@pytest.mark.slow  # three SSTA runs end to end: the heaviest of the fast suite, so `make test-all` only
 def test_the_three_readings_run_end_to_end_and_are_recorded_in_result_json(tmp_path, monkeypatch):
     from repro.plan import make_plan
     from repro.runner import execute
