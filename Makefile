@@ -67,7 +67,7 @@ teachers: install
 	$(REPRO) teachers fetch
 
 schema: install
-	$(REPRO) schema -o repro/spec.schema.json
+	$(REPRO) schema -o repro/harness/spec.schema.json
 
 clean-smoke:
 	rm -rf data/smoke

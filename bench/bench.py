@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 
 # -- the benchmarked recipe (wttm.md 1.4 and 2.1) -----------------------------------------------------------------
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
@@ -90,8 +90,8 @@ class PathSettings:
 
 
 def path_settings(workers: int, channels_last: bool, cache_dtype: str) -> dict[str, PathSettings]:
-    """The benchmarked paths; the fast ones use the recipe defaults of a real run (``repro.spec.Recipe``)."""
-    from repro.spec import Recipe
+    """The benchmarked paths; the fast ones use the recipe defaults of a real run (``repro.harness.spec.Recipe``)."""
+    from repro.harness.spec import Recipe
 
     fast_flush = bool(Recipe.model_fields["flush_denormal"].default)
     reference = PathSettings(loader="torchvision", teacher="live", flush_denormal=False, channels_last=False,
@@ -307,7 +307,7 @@ TEACHER_SOURCES: dict[str, TeacherSource] = {"live": _live_teacher, "cache_cold"
 def fast_harness(job: Job, data: Any, teacher: nn.Module, student: nn.Module, device: torch.device,
                  cache_dir: Path) -> Harness:
     """This suite's training step: ``TensorLoader`` batches through ``Distiller.forward_train`` (as in
-    ``repro.train.Trainer``), with the teacher live or behind the teacher-output cache."""
+    ``repro.train.loop.Trainer``), with the teacher live or behind the teacher-output cache."""
     from repro.data.loader import TensorLoader
     from repro.methods import Distiller, TermContext, get_term
 
@@ -458,7 +458,7 @@ def _run_isolated(job: Job) -> dict[str, Any]:
 
 # -- the whole benchmark ----------------------------------------------------------------------------------------
 def machine_info(device: torch.device) -> dict[str, Any]:
-    from repro.provenance import environment
+    from repro.core.env import environment
 
     cpu = platform.processor() or platform.machine()
     try:

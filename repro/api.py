@@ -6,7 +6,7 @@
     api.run(plan, runs="runs", device="cpu")
     api.report("wttm-figure1", "smoke", runs="runs", overrides=["tiers.smoke.epochs=2"])
 
-Overrides are ``--set`` strings (``repro.overrides``); a plan records them on the runs they change, as the CLI's
+Overrides are ``--set`` strings (``repro.harness.overrides``); a plan records them on the runs they change, as the CLI's
 does. ``run`` executes in this process (the CLI's local path; Slurm and multi-process runs are the CLI's).
 """
 from __future__ import annotations
@@ -15,19 +15,19 @@ import shlex
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from repro.compare import CellResult, compare_plan
-from repro.errors import ReproError
-from repro.plan import Plan, plan_spec
-from repro.spec import Spec
-from repro.store import RunStore
+from repro.harness.compare import CellResult, compare_plan
+from repro.core.errors import ReproError
+from repro.harness.plan import Plan, plan_spec
+from repro.harness.spec import Spec
+from repro.harness.store import RunStore
 
 __all__ = ["load_spec", "plan", "run", "report", "output_plans", "compare"]
 
 
 def load_spec(spec_ref: str, overrides: Sequence[str] = ()) -> Spec:
     """A validated spec (id or YAML path) with ``--set`` overrides applied; the file is never written."""
-    from repro.overrides import parse_override
-    from repro.spec import load_spec as load
+    from repro.harness.overrides import parse_override
+    from repro.harness.spec import load_spec as load
 
     spec = load(spec_ref, overrides=[parse_override(o) for o in overrides])
     spec._loaded_as = (spec_ref, tuple(overrides))  # so that plan() records the overrides on the runs
@@ -51,8 +51,8 @@ def output_plans(output: str, tier: str = "smoke", seeds: Optional[int] = None, 
                  teacher_gate: bool = True, teacher_source: Optional[str] = None) -> list[Plan]:
     """The plans of every spec that renders into ``tables/<output>.md``. With several specs a cell override
     applies where its cells are; one that reaches no spec, or a cell index (ambiguous there), is an error."""
-    from repro.overrides import parse_override
-    from repro.spec import specs_for_output
+    from repro.harness.overrides import parse_override
+    from repro.harness.spec import specs_for_output
 
     spec_ids = specs_for_output(output)
     several = len(spec_ids) > 1
@@ -74,8 +74,8 @@ def run(plan: Plan, runs: Optional[Union[str, Path]] = None, device: str = "auto
         retry_failed: bool = False):
     """Train what is pending in ``plan`` into the store ``runs`` (default ``$REPRO_RUNS`` or ./runs); returns
     the execution summary (done, cached, failed, blocked run ids)."""
-    from repro.distributed import resolve_device
-    from repro.runner import execute
+    from repro.train.distributed import resolve_device
+    from repro.harness.execute import execute
 
     return execute(plan, RunStore(Path(runs) if runs else None), resolve_device(device), progress=progress,
                    retry_failed=retry_failed)
@@ -90,7 +90,7 @@ def report(output: str, tier: str = "smoke", runs: Optional[Union[str, Path]] = 
            tables: Union[str, Path] = "tables", seeds: Optional[int] = None, overrides: Sequence[str] = (),
            command: Optional[str] = None, plans: Optional[list[Plan]] = None) -> tuple[Path, Path]:
     """Render ``tables/<output>.md`` and ``.csv`` from the store; returns their paths."""
-    from repro.render.tables import render_output
+    from repro.harness.render.tables import render_output
 
     plans = plans if plans is not None else output_plans(output, tier, seeds, overrides)
     store = RunStore(Path(runs) if runs else None)

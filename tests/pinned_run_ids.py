@@ -15,8 +15,8 @@ TIERS = ("smoke", "proxy", "full")
 
 def current_run_ids() -> dict[str, dict[str, dict[str, str]]]:
     os.environ.pop("REPRO_TEACHERS", None)  # the planner's teacher root must not come from the caller's shell
-    from repro.plan import make_plan
-    from repro.spec import all_spec_ids, load_spec
+    from repro.harness.plan import make_plan
+    from repro.harness.spec import all_spec_ids, load_spec
 
     ids: dict[str, dict[str, dict[str, str]]] = {}
     for spec_id in all_spec_ids():

@@ -11,7 +11,7 @@ from repro.data import ImageTensorDataset
 from repro.data.batch import Batch, epoch_generator
 from repro.data.loader import (TensorLoader, apply_views, normalize, num_views, sample_views,
                                view_ids, views_from_ids)
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 
 MEAN = (0.5071, 0.4867, 0.4408)
 STD = (0.2675, 0.2565, 0.2761)

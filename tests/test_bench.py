@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench.bench import DEFAULT_PATHS, RunSizes, build_parser, merge_rounds, run_bench
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 
 SETTING_KEYS = {"loader", "teacher", "flush_denormal", "channels_last", "precision", "cache_dtype", "num_workers",
                 "threads", "device"}

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from repro.cli import main
-from repro.compare import compare_plan
-from repro.plan import plan_spec
-from repro.render.tables import render_output
-from repro.store import RunStore
+from repro.harness.compare import compare_plan
+from repro.harness.plan import plan_spec
+from repro.harness.render.tables import render_output
+from repro.harness.store import RunStore
 from tests.conftest import TESTS
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -159,8 +159,8 @@ def test_bad_value_refused_by_the_installed_command(tmp_path, workdirs):
 
 
 def test_every_shipped_spec_loads_and_plans_at_every_tier(workdirs):
-    from repro.plan import make_plan
-    from repro.spec import TIERS, all_spec_ids, load_spec
+    from repro.harness.plan import make_plan
+    from repro.harness.spec import TIERS, all_spec_ids, load_spec
 
     for spec_id in all_spec_ids():
         spec = load_spec(spec_id)

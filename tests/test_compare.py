@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from repro.compare import compare_cell, tolerance
-from repro.spec import Cell, MethodDef, Reported
+from repro.harness.compare import compare_cell, tolerance
+from repro.harness.spec import Cell, MethodDef, Reported
 
 
 class FakeStore:

@@ -14,7 +14,7 @@ import torch.nn as nn
 from repro.core.io import (STATE_DICT_CONTAINERS, atomic_torch_save, atomic_write, atomic_write_bytes,
                            atomic_write_json, file_digests, is_state_dict, read_checkpoint, sha256_bytes, sha256_file,
                            strip_prefixes, unwrap_state_dict)
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.models.weights import REPDISTILLER_CONTAINERS, load_checkpoint
 
 

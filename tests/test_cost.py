@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from repro import cost
-from repro.cost import CPU_MAX_BATCH, CostModel
-from repro.store import RunStore
+from repro.harness import cost
+from repro.harness.cost import CPU_MAX_BATCH, CostModel
+from repro.harness.store import RunStore
 
 
 class _Recorder(nn.Module):

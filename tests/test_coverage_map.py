@@ -130,16 +130,34 @@ def loaded_by_fast_tests() -> tuple[set[str], dict[str, set[str]]]:
 def _loads(name: str, path: Path, known: dict[str, Path]) -> set[str]:
     """What loading a module loads: its module-level imports (not those inside functions, which run only when
     called), plus what its registry loads on first use: every submodule of a package that discovers them
-    (``pkgutil.iter_modules(__path__)``, as repro.methods does), and every repro module named by a module-level
+    (``Registry(..., package=...)``, as repro.methods' loss terms do), and every repro module named by a module-level
     string (a lazy family list such as repro.models' ``_FAMILIES``)."""
     source = path.read_text()
     tree = ast.parse(source, filename=str(path))
     nodes = list(_module_level(tree))
     loads = _imported(nodes, name, known)
     loads |= {node.value for node in nodes if isinstance(node, ast.Constant) and node.value in known}
-    if path.name == "__init__.py" and "iter_modules(__path__)" in source:
-        loads |= {other for other in known if other.rpartition(".")[0] == name}
+    for package in _discovered_packages(nodes, name, source):
+        loads |= {other for other in known if other.rpartition(".")[0] == package}
     return loads
+
+
+def _discovered_packages(nodes: list[ast.AST], name: str, source: str) -> set[str]:
+    """Packages whose every module this one imports on first use: a ``Registry(..., package=...)`` it creates
+    (repro.core.registry's one discovery rule), or a package ``__init__`` importing ``f"{__name__}.{...}"``."""
+    packages = set()
+    for node in nodes:
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Registry":
+            for keyword in node.keywords:
+                if keyword.arg == "package":
+                    value = keyword.value
+                    if isinstance(value, ast.Name) and value.id == "__name__":
+                        packages.add(name)
+                    elif isinstance(value, ast.Constant) and isinstance(value.value, str):
+                        packages.add(value.value)
+    if 'import_module(f"{__name__}.' in source:
+        packages.add(name)
+    return packages
 
 
 def _module_level(tree: ast.Module) -> Iterator[ast.AST]:
@@ -159,10 +177,10 @@ def _module_level(tree: ast.Module) -> Iterator[ast.AST]:
 # Modules the command line and the logger registry import inside functions (so that `repro --help` stays fast),
 # with the fast test module that drives them, and the call that reaches them; the test checks both are still there.
 REACHED_LAZILY = {
-    "repro.bundles": ("test_bundles.py", 'main(["export"'),
-    "repro.inventory": ("test_bundles.py", 'main(["runs"'),
-    "repro.loggers.tensorboard": ("test_loggers.py", '"tensorboard")'),
-    "repro.loggers.wandb": ("test_loggers.py", '"wandb")'),
+    "repro.harness.bundles": ("test_bundles.py", 'main(["export"'),
+    "repro.harness.inventory": ("test_bundles.py", 'main(["runs"'),
+    "repro.train.loggers.tensorboard": ("test_loggers.py", '"tensorboard")'),
+    "repro.train.loggers.wandb": ("test_loggers.py", '"wandb")'),
 }
 
 
@@ -180,12 +198,12 @@ def test_every_repro_module_is_loaded_by_a_fast_test() -> None:
 def test_the_map_sees_slow_marks_and_lazy_imports(tmp_path) -> None:
     """The checker itself: a slow test's import does not count, a fast one's does, a function-level import inside
     a repro module is not followed."""
-    source = ("import pytest\nfrom repro.store import RunStore\n\n@pytest.mark.slow\ndef test_a():\n"
-              "    import repro.bench\n\ndef test_b():\n    from repro import registry\n")
+    source = ("import pytest\nfrom repro.harness.store import RunStore\n\n@pytest.mark.slow\ndef test_a():\n"
+              "    import repro.bench\n\ndef test_b():\n    from repro.core import registry\n")
     tree = ast.parse(source)
     known = repro_modules()
     names = _imported(_fast_nodes(tree), "tests.test_x", known)
-    assert {"repro", "repro.store", "repro.registry"} <= names and "repro.bench" not in names
+    assert {"repro", "repro.harness.store", "repro.core.registry"} <= names and "repro.bench" not in names
     assert _has_fast_test(tree) and not _module_is_slow(tree)
     assert _module_is_slow(ast.parse("import pytest\npytestmark = [pytest.mark.slow]\n"))
     lazy = ast.parse("import os\ndef f():\n    import repro.bench\n")

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.losses import dkd_loss, kd_loss
 from repro.losses.ctkd import curriculum_temperature, reverse_gradient, reversal_strength
 from repro.data.batch import Batch

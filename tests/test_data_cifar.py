@@ -19,7 +19,7 @@ from repro.data import ImageTensorDataset, dataset_names, load_dataset
 from repro.data.cifar import SYNTHETIC_MANIFEST, read_cifar
 from repro.data.synthetic import (SMOKE_ARGS, classes_with_images, ensure_synthetic_cifar, read_synthetic_cifar,
                                   write_synthetic_cifar)
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 
 SMALL = dict(num_classes=100, classes_used=5, train_per_class=4, test_per_class=2, seed=1)
 

@@ -16,15 +16,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from repro import distributed
+from repro.train import distributed
 from repro.data import ImageTensorDataset
 from repro.data.imagefolder import write_synthetic_imagefolder
 from repro.data.loader import TensorLoader
 from repro.data.pipelines_folder import build_folder_pipeline
 from repro.data.pipelines_transfer import build_transfer_pipeline
 from repro.data.batch import rank_bounds
-from repro.distributed import BatchMapping, GlobalBatchNorm, ScaleOptions, map_batch, split_batch
-from repro.errors import ReproError
+from repro.train.distributed import BatchMapping, GlobalBatchNorm, ScaleOptions, map_batch, split_batch
+from repro.core.errors import ReproError
 from tests.conftest import TESTS
 
 DDP_SPEC = str(TESTS / "specs" / "tiny_ddp.yaml")

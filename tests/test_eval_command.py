@@ -10,11 +10,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.analyses.resolve import with_head
 from repro.cli.evaluation import add_eval_parser, run_eval
 from repro.models import create_model
-from repro.store import RunStore
+from repro.harness.store import RunStore
 
 SUITES = ("clean", "imagenet-c", "shape-bias", "top10")
 

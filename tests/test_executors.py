@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from repro.distributed import ScaleOptions
-from repro.errors import ReproError
-from repro.executors import (JobScheduler, add_scaleout_arguments, local_submitter, run_state, run_states,
+from repro.train.distributed import ScaleOptions
+from repro.core.errors import ReproError
+from repro.harness.executors import (JobScheduler, add_scaleout_arguments, local_submitter, run_state, run_states,
                              slurm_parameters)
-from repro.locks import RunLock
-from repro.plan import make_plan
-from repro.spec import load_spec
-from repro.store import RunStore
+from repro.harness.locks import RunLock
+from repro.harness.plan import make_plan
+from repro.harness.spec import load_spec
+from repro.harness.store import RunStore
 from tests.conftest import TESTS
 
 RESUME_SPEC = str(TESTS / "specs" / "tiny_resume.yaml")
@@ -57,7 +57,7 @@ def _fake_slurm(bin_dir: Path, record: Path) -> None:
 
 
 def test_slurm_executor_submits_one_requeueable_job_per_run(tmp_path, monkeypatch):
-    from repro.executors import RunJob, make_submitter
+    from repro.harness.executors import RunJob, make_submitter
 
     script = tmp_path / "submitted.sh"
     _fake_slurm(tmp_path / "bin", script)
@@ -82,7 +82,7 @@ def _empty_config(tmp_path: Path) -> Path:
 
 
 def test_slurm_without_slurm_is_one_clear_error(tmp_path, monkeypatch):
-    from repro.executors import make_submitter
+    from repro.harness.executors import make_submitter
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no srun anywhere
     with pytest.raises(ReproError, match="--executor slurm: .*srun"):
@@ -102,7 +102,7 @@ def test_slurm_config_errors_name_the_problem(tmp_path, monkeypatch):
 
 # -- status -------------------------------------------------------------------------------------------------------
 def test_status_tells_done_failed_running_interrupted_submitted_and_pending(tmp_path, capsys):
-    from repro.executors import print_status
+    from repro.harness.executors import print_status
 
     store = RunStore(tmp_path)
     for run_id in "abcdef":
@@ -193,7 +193,7 @@ def test_interrupted_local_job_is_requeued_and_finishes_with_the_uninterrupted_r
 
 # -- how many runs at once by default ----------------------------------------------------------------------------
 def test_default_jobs_is_one_per_core_on_cpu_capped_by_the_runs_left_and_one_on_a_gpu(monkeypatch):
-    from repro.executors import default_jobs
+    from repro.harness.executors import default_jobs
 
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
@@ -206,7 +206,7 @@ def test_default_jobs_is_one_per_core_on_cpu_capped_by_the_runs_left_and_one_on_
 
 
 def test_jobs_come_from_the_flag_then_repro_jobs(monkeypatch):
-    from repro.executors import requested_jobs
+    from repro.harness.executors import requested_jobs
 
     monkeypatch.delenv("REPRO_JOBS")
     assert requested_jobs(_args()) is None  # the default: default_jobs decides
@@ -220,7 +220,8 @@ def test_jobs_come_from_the_flag_then_repro_jobs(monkeypatch):
 
 def _route(monkeypatch) -> dict:
     """Which engine `repro run` picks: the in-process loop or the scheduler (whose workers are not started)."""
-    from repro import executors, runner
+    from repro.harness import executors
+    from repro.harness import execute as runner
 
     seen: dict = {}
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-import repro.render.figures as figures
-from repro.compare import compare_plan
+import repro.harness.render.figures as figures
+from repro.harness.compare import compare_plan
 from repro.analyses.spec_models import analysis_models
 from repro.cli.figures import add_figures_parser, run_figures
 from repro.papers.ssta.figures import top10_pair
@@ -21,18 +21,18 @@ from repro.papers.wttm.figures import ENTROPY_FIGURE
 from repro.losses import wttm_loss, wttm_weight
 from repro.methods.base import Outputs, TermContext
 from repro.methods.wttm import WTTM
-from repro.plan import make_plan
-from repro.render.analysis_plots import plot_imagenet_c, plot_shape_bias, plot_top10
-from repro.render.tables import CSV_COLUMNS
-from repro.spec import load_spec
-from repro.store import RunStore
+from repro.harness.plan import make_plan
+from repro.harness.render.analysis_plots import plot_imagenet_c, plot_shape_bias, plot_top10
+from repro.harness.render.tables import CSV_COLUMNS
+from repro.harness.spec import load_spec
+from repro.harness.store import RunStore
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture
 def drawn(monkeypatch):
-    """Titles and axis labels of every figure saved through repro.render.figures (the text a reader sees)."""
+    """Titles and axis labels of every figure saved through repro.harness.render.figures (the text a reader sees)."""
     seen: list[dict] = []
     original = figures._save
 
@@ -226,7 +226,7 @@ def test_figures_command_writes_named_pngs_without_running(tmp_path, figure1_pla
 
 
 def test_every_figure_group_runs_by_default():
-    from repro.render.figure_steps import figure_steps
+    from repro.harness.render.figure_steps import figure_steps
 
     steps = list(figure_steps())
     # Every paper's figures are discovered, and the shared reported-vs-reproduced figure is drawn last.

@@ -20,14 +20,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from repro import distributed
+from repro.train import distributed
 from repro.cli import main
-from repro.distributed import Parallel, ScaleOptions, map_batch
-from repro.errors import ReproError
+from repro.train.distributed import Parallel, ScaleOptions, map_batch
+from repro.core.errors import ReproError
 from repro.methods.base import LOSS_TERMS, LossTerm
-from repro.spec import Recipe, load_spec
-from repro.store import RunStore
-from repro.train import Trainer, configure_numerics
+from repro.harness.spec import Recipe, load_spec
+from repro.harness.store import RunStore
+from repro.train.loop import Trainer, configure_numerics
 from tests.conftest import TINY_SPEC
 
 QUIET = ["--no-progress", "--no-estimate"]
@@ -237,7 +237,7 @@ def test_joining_the_process_group_selects_the_visible_gpu(monkeypatch):
 
 
 def test_a_slurm_job_resolves_its_device_on_its_node(monkeypatch, tmp_path):
-    from repro.executors import RunJob
+    from repro.harness.executors import RunJob
 
     run = SimpleNamespace(run_id="r")
     FakeCuda(1).install(monkeypatch)  # a task bound to one GPU, rank 1 of 2
@@ -264,7 +264,7 @@ class _FakeJob:
 @pytest.fixture
 def slurm_jobs(monkeypatch):
     """The Slurm submitter replaced by one that records the jobs it is given (each 'finishes' at once)."""
-    from repro import executors
+    from repro.harness import executors
 
     jobs: list[Any] = []
 
@@ -286,8 +286,8 @@ def test_slurm_jobs_get_the_unresolved_device(workdirs, slurm_jobs, capsys, devi
 
 
 def _fill_throughput(store: RunStore, device_key: str, rate: float, monkeypatch) -> None:
-    from repro.cost import CostModel
-    from repro.plan import make_plan
+    from repro.harness.cost import CostModel
+    from repro.harness.plan import make_plan
 
     model = CostModel(store, torch.device("cpu"), device_key)
     monkeypatch.setattr(CostModel, "_measure", lambda self, *a, **k: rate)
@@ -331,7 +331,8 @@ def test_the_command_line_sets_the_cublas_workspace_before_any_command(monkeypat
 def test_a_job_sets_the_cublas_workspace_before_it_trains(monkeypatch, tmp_path):
     import submitit
 
-    from repro import executors, runner
+    from repro.harness import executors
+    from repro.harness import execute as runner
 
     seen = {}
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
@@ -411,7 +412,7 @@ def test_tf32_switches_come_from_the_recipe_never_from_torchs_defaults():
 
 @pytest.mark.parametrize("capability, tf32", [((8, 0), True), ((7, 0), None)])
 def test_every_result_stamps_tf32_and_the_cuda_versions(monkeypatch, capability, tf32):
-    from repro.provenance import environment
+    from repro.core.env import environment
 
     on_cpu = environment(torch.device("cpu"))
     assert on_cpu["cuda_version"] is None and on_cpu["cudnn_version"] is None

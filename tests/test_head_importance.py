@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.data.batch import Batch
 from repro.models import create_model
-from repro.ssta.head_importance import (
+from repro.methods.head_importance import (
     gradient_head_importance,
     head_mask,
     model_fingerprint,
@@ -197,7 +197,7 @@ def test_per_example_importance_finds_the_head_that_batch_gradients_cancel():
 
 
 def test_importance_batch_is_in_the_cache_key_and_the_stored_config(tmp_path, model):
-    from repro.ssta.head_importance import selection_cache_path
+    from repro.methods.head_importance import selection_cache_path
 
     key = "f" * 64
     default = selection_cache_path(tmp_path, key, "importance", loss="ce")

@@ -14,14 +14,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from repro import distributed
+from repro.train import distributed
 from repro.losses.crd import sample_contrast_indices
 from repro.models import create_model
-from repro.plan import make_plan
-from repro.spec import load_spec
-from repro.ssta.attention import AttentionCapture
-from repro.store import RunStore
-from repro.train import Resolved, Trainer, evaluate
+from repro.harness.plan import make_plan
+from repro.harness.spec import load_spec
+from repro.methods.attention_readings import AttentionCapture
+from repro.harness.store import RunStore
+from repro.train.loop import Resolved, Trainer, evaluate
 from tests.conftest import TINY_SPEC
 
 READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
@@ -89,7 +89,7 @@ def test_an_epoch_reads_the_device_a_constant_number_of_times(workdirs, monkeypa
 
 def test_a_non_finite_step_is_still_reported_with_its_epoch_step_and_values(workdirs, monkeypatch):
     from repro.methods.base import LOSS_TERMS, LossTerm
-    from repro.train import RunFailed
+    from repro.train.loop import RunFailed
 
     class NanAtStep3(LossTerm):
         needs_teacher = False

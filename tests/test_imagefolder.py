@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.data.imagefolder import load_imagefolder, load_imagefolder_splits, write_synthetic_imagefolder
 from repro.data.pipelines_folder import build_folder_pipeline
 from repro.data.batch import Batch

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from repro.data.imagenet_c_synthetic import corrupt_image, write_synthetic_imagenet_c
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.analyses import SUITES
 from repro.analyses.imagenet_c import (
     BENCHMARK_CORRUPTIONS,
@@ -23,7 +23,7 @@ from repro.analyses.imagenet_c import (
     check_imagenet_c_layout,
     mce_from_errors,
 )
-from repro.render.analysis_plots import plot_imagenet_c
+from repro.harness.render.analysis_plots import plot_imagenet_c
 from tests.support import ConstantLogits
 
 # Typed from ssta.md section 4 / the brief, by name, independently of the data file.

@@ -12,14 +12,14 @@ import torchvision
 import yaml
 
 import repro.models.weights as weights
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.methods import LOSS_TERMS
 from repro.models import create_model
-from repro.plan import make_plan
-from repro.runner import evaluate_checkpoint
+from repro.harness.plan import make_plan
+from repro.harness.execute import evaluate_checkpoint
 from repro.papers import spec_files
-from repro.spec import load_spec, spec_path
-from repro.train import RunFailed
+from repro.harness.spec import load_spec, spec_path
+from repro.train.loop import RunFailed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

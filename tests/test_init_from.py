@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from repro.cli import main
-from repro.plan import make_plan
-from repro.spec import load_spec, spec_path
-from repro.store import RunStore
+from repro.harness.plan import make_plan
+from repro.harness.spec import load_spec, spec_path
+from repro.harness.store import RunStore
 from tests.conftest import TINY_SPEC
 
 pytestmark = pytest.mark.usefixtures("one_thread")

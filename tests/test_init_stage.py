@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 import torch
 
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.models import create_model
-from repro.plan import make_plan
-from repro.spec import load_spec
-from repro.store import RunStore
-from repro.train import Resolved, Trainer, train_run
+from repro.harness.plan import make_plan
+from repro.harness.spec import load_spec
+from repro.harness.store import RunStore
+from repro.train.loop import Resolved, Trainer, train_run
 from tests.conftest import TINY_SPEC
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -137,7 +137,7 @@ def test_two_terms_with_init_stages_are_refused(workdirs):
 
 
 def test_the_cost_estimate_counts_the_init_stage(workdirs, monkeypatch):
-    from repro.cost import CostModel, dataset_sizes
+    from repro.harness.cost import CostModel, dataset_sizes
     from repro.methods import get_term
 
     assert get_term("ab").planned_init_epochs({}) == 30  # RepDistiller --init_epochs

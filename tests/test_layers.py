@@ -3,7 +3,7 @@
 The import graph of ``repro/`` is read with ``ast`` (nothing is imported): every ``import repro...`` and
 ``from repro... import ...`` counts, at module level and inside functions alike, because a function-level import
 is still a dependency (it only defers it). Imports under ``if TYPE_CHECKING:`` are left out: they are annotations,
-never executed. A registry's package discovery (``repro.registry``) is not an import edge: the registry imports
+never executed. A registry's package discovery (``repro.core.registry``) is not an import edge: the registry imports
 modules that depend on it, not the other way round. Importing ``repro.a.b`` also runs ``repro/a/__init__.py``;
 that implicit edge is not counted (a package's ``__init__`` is judged by its own imports).
 
@@ -31,47 +31,15 @@ LAYER_OF: dict[str, tuple[str, str]] = {
     "repro.__main__": ("cli", ""),
     "repro.cli": ("cli", ""),
     "repro.api": ("cli", ""),  # the Python entry point beside the CLI
-    "repro.bench": ("cli", ""),  # a standalone tool (bench/ after the move)
-    # harness (and analyses, the same layer)
-    "repro.spec": ("harness", ""),
-    "repro.plan": ("harness", ""),
-    "repro.store": ("harness", ""),
-    "repro.locks": ("harness", ""),
-    "repro.cost": ("harness", ""),
-    "repro.runner": ("harness", ""),
-    "repro.executors": ("harness", ""),
-    "repro.compare": ("harness", ""),
-    "repro.render": ("harness", ""),
-    "repro.overrides": ("harness", ""),
-    "repro.bundles": ("harness", ""),
-    "repro.inventory": ("harness", ""),
-    "repro.teachers": ("harness", ""),  # fetching and locking teacher checkpoints
-    "repro.evaluate": ("harness", ""),  # analyses
-    # train
+    "repro.papers": ("harness", ""),  # paper discovery, and each paper's figure definitions (they register there)
+    "repro.harness": ("harness", ""),
+    "repro.analyses": ("harness", ""),  # evaluation suites: the harness's layer
     "repro.train": ("train", ""),
-    "repro.train_config": ("train", ""),
-    "repro.optim": ("train", ""),
-    "repro.distributed": ("train", ""),
-    "repro.loggers": ("train", ""),
-    "repro.teacher_outputs": ("train", ""),
-    # methods / models / data
     "repro.methods": ("middle", "methods"),
-    "repro.ssta": ("middle", "methods"),  # SSTA's attention readings and head selection, used by its terms
     "repro.models": ("middle", "models"),
     "repro.data": ("middle", "data"),
-    "repro.pipelines": ("middle", "data"),
     "repro.losses": ("losses", ""),
-    # core
-    "repro.errors": ("core", ""),
-    "repro.registry": ("core", ""),
-    "repro.provenance": ("core", ""),
-    "repro.numerics": ("core", ""),  # determinism / TF32 switches, stamped by provenance
-    "repro.domains": ("core", ""),  # parameter domains, declared by loss terms and checked by specs
-    # the target packages of issue 12, as they appear (a module inside one is judged by its package)
     "repro.core": ("core", ""),
-    "repro.harness": ("harness", ""),
-    "repro.analyses": ("harness", ""),
-    "repro.papers": ("harness", ""),  # a paper's specs and figure definitions
 }
 
 # Known violations that other branches of issue 12 remove; the lead empties this at merge. Each entry is an import
@@ -211,23 +179,23 @@ def _graph_of(tmp_path: Path, files: dict[str, str], monkeypatch: pytest.MonkeyP
 def test_function_level_imports_count_and_type_checking_imports_do_not(tmp_path, monkeypatch):
     graph = _graph_of(tmp_path, {
         "__init__.py": "",
-        "errors.py": "def f():\n    from repro.spec import X\n",
-        "spec.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from repro.plan import P\n",
-        "plan.py": "from repro import spec\n",
+        "core/errors.py": "def f():\n    from repro.harness.spec import X\n",
+        "harness/spec.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from repro.harness.plan import P\n",
+        "harness/plan.py": "from repro.harness import spec\n",
     }, monkeypatch)
-    assert graph["repro.errors"] == {"repro.spec"} and graph["repro.spec"] == set()
-    assert graph["repro.plan"] == {"repro.spec"}
+    assert graph["repro.core.errors"] == {"repro.harness.spec"} and graph["repro.harness.spec"] == set()
+    assert graph["repro.harness.plan"] == {"repro.harness.spec"}
     assert find_cycle(graph) == []
-    assert violations(graph) == [("repro.errors", "repro.spec")]  # core must not import the harness
+    assert violations(graph) == [("repro.core.errors", "repro.harness.spec")]  # core must not import the harness
 
 
 def test_a_cycle_is_found_and_named(tmp_path, monkeypatch):
     graph = _graph_of(tmp_path, {
         "__init__.py": "",
-        "spec.py": "def f():\n    from repro.plan import resolve\n",
-        "plan.py": "from repro.spec import Spec\n",
+        "harness/spec.py": "def f():\n    from repro.harness.plan import resolve\n",
+        "harness/plan.py": "from repro.harness.spec import Spec\n",
     }, monkeypatch)
-    assert find_cycle(graph) == ["repro.plan", "repro.spec", "repro.plan"]
+    assert find_cycle(graph) == ["repro.harness.plan", "repro.harness.spec", "repro.harness.plan"]
 
 
 def test_data_may_not_import_methods(tmp_path, monkeypatch):

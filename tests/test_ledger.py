@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from repro.spec import load_spec
+from repro.harness.spec import load_spec
 
 LEDGER = Path(__file__).parent / "data" / "wttm_reported.csv"
 SPEC_TABLES = {"wttm/cifar100-table1": "T1", "wttm/cifar100-table2": "T2", "wttm/cifar100-table3": "T3",
@@ -57,7 +57,7 @@ def test_wttm_hyperparameters_follow_tables_8_and_9():
 
 def test_student_lr_override_matches_the_official_code():
     spec = load_spec("wttm/cifar100-table3")
-    from repro.plan import make_plan
+    from repro.harness.plan import make_plan
 
     plan = make_plan(spec, "full", seeds=1)
     lrs = {r.config["model"]["arch"]: r.config["recipe"]["optimizer"]["lr"] for r in plan.ordered()

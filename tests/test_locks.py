@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from repro.locks import RunLock
+from repro.harness.locks import RunLock
 from tests.conftest import TINY_SPEC
 
 QUIET = ["--no-progress", "--no-estimate"]
@@ -118,10 +118,10 @@ def test_racing_for_a_stale_lock_has_exactly_one_winner(tmp_path):
 
 @pytest.mark.slow  # two `repro run` processes training a spec: the heaviest of the fast suite, so `make test-all` only
 def test_two_repro_runs_on_one_spec_train_every_run_exactly_once(tmp_path):
-    from repro.compare import compare_plan
-    from repro.plan import make_plan
-    from repro.spec import load_spec
-    from repro.store import RunStore
+    from repro.harness.compare import compare_plan
+    from repro.harness.plan import make_plan
+    from repro.harness.spec import load_spec
+    from repro.harness.store import RunStore
 
     env = {**os.environ, "REPRO_RUNS": str(tmp_path / "runs"), "REPRO_DATA": str(tmp_path / "data"),
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

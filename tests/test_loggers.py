@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from repro.cli import main
-from repro.plan import plan_spec
+from repro.harness.plan import plan_spec
 from tests.conftest import TESTS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -88,8 +88,8 @@ def test_unknown_logger_exits_2(names, message, capsys, workdirs, monkeypatch):
 def test_uninstalled_logger_exits_2(capsys, workdirs, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import (and find_spec) of wandb fail as if uninstalled
     monkeypatch.delenv("REPRO_LOGGERS", raising=False)
-    from repro.errors import ReproError
-    from repro.loggers import selected_loggers
+    from repro.core.errors import ReproError
+    from repro.train.loggers import selected_loggers
 
     with pytest.raises(ReproError, match="pip install wandb"):
         selected_loggers("wandb")

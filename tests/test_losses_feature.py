@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.losses.crd import gathered_scores, nce_contrast_loss, sample_contrast_indices
 from repro.losses.dist import dist_loss
 from repro.losses.dkd import dkd_loss, dkd_parts

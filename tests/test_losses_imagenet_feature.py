@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.losses.logit import kd_loss
 from repro.losses.nd import EmbeddingProjector, class_means, nd_loss
 from repro.losses.reviewkd import AttentionFusion, build_fusions, hcl_loss, review_features

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from repro import distributed
-from repro.errors import ReproError
+from repro.train import distributed
+from repro.core.errors import ReproError
 from repro.losses.at import at_loss, at_pair_loss
 from repro.losses.fitnet import ConvRegressor, hint_loss, regressor_conv
 from repro.losses.pkt import pkt_loss
@@ -23,10 +23,10 @@ from repro.losses.rkd import pairwise_distances, rkd_loss
 from repro.losses.vid import VIDRegressor, vid_nll
 from repro.methods import Distiller, Outputs, TermContext, get_term
 from repro.models import create_model
-from repro.plan import make_plan
-from repro.spec import load_spec
-from repro.store import RunStore
-from repro.train import Resolved, Trainer
+from repro.harness.plan import make_plan
+from repro.harness.spec import load_spec
+from repro.harness.store import RunStore
+from repro.train.loop import Resolved, Trainer
 from tests.conftest import TINY_SPEC
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.losses.ab import ab_loss, connector
 from repro.losses.cc import correlation_congruence_loss
 from repro.losses.fsp import fsp_loss
@@ -22,7 +22,7 @@ from repro.data.batch import Batch
 from repro.methods import Distiller, TermContext, get_term
 from repro.methods.base import forward_model
 from repro.models import create_model
-from repro.train import student_feature_modules
+from repro.train.loop import student_feature_modules
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

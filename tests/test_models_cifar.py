@@ -452,7 +452,7 @@ def test_backward_through_features_in_train_mode(name: str) -> None:
 
 
 def test_unknown_model_name_is_a_repro_error() -> None:
-    from repro.errors import ReproError
+    from repro.core.errors import ReproError
 
     with pytest.raises(ReproError, match="resnet57"):
         create_model("resnet57")

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
-from repro.plan import Plan, make_plan
-from repro.spec import Spec, load_spec
+from repro.harness.plan import Plan, make_plan
+from repro.harness.spec import Spec, load_spec
 
 TABLE = Path(__file__).parent / "data" / "official_values.csv"
 ROWS = list(csv.DictReader(TABLE.open()))
@@ -136,9 +136,9 @@ def test_itrd_cells_footnote_the_readme_where_it_differs():
 
 
 def test_ledger_facts_are_footnoted_in_the_rendered_table(tmp_path):
-    from repro.compare import compare_plan
-    from repro.render.tables import csv_rows, section_markdown
-    from repro.store import RunStore
+    from repro.harness.compare import compare_plan
+    from repro.harness.render.tables import csv_rows, section_markdown
+    from repro.harness.store import RunStore
 
     plan = _plan("wttm/cifar100-table1", "full")
     results = compare_plan(plan, RunStore(tmp_path))

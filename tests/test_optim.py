@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 
 from repro.models import create_model
-from repro.optim import OPTIMIZERS
-from repro.train_config import OptimizerConfig
+from repro.train.optim import OPTIMIZERS
+from repro.train.config import OptimizerConfig
 
 
 def _decay_by_name(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from repro.cli import main
-from repro.compare import compare_plan
-from repro.overrides import parse_override
-from repro.plan import plan_spec
-from repro.render.tables import render_output
-from repro.spec import load_spec
-from repro.store import RunStore
+from repro.harness.compare import compare_plan
+from repro.harness.overrides import parse_override
+from repro.harness.plan import plan_spec
+from repro.harness.render.tables import render_output
+from repro.harness.spec import load_spec
+from repro.harness.store import RunStore
 from tests.conftest import TESTS, TINY_SPEC
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -132,7 +132,7 @@ def test_api_plan_records_overrides_like_the_cli():
 
 def test_cell_override_on_an_output_of_several_specs_reaches_the_specs_holding_the_cell(workdirs):
     from repro import api
-    from repro.errors import ReproError
+    from repro.core.errors import ReproError
 
     text = "cells[resnet56->resnet20/WTTM].params.wttm.gamma=0.2"
     plans = api.output_plans("wttm-cifar100", "smoke", overrides=[text])

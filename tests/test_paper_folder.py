@@ -11,9 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 
 from repro.cli import main
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.papers import ENV, spec_files
-from repro.spec import all_outputs, all_spec_ids, load_spec, specs_for_output
+from repro.harness.spec import all_outputs, all_spec_ids, load_spec, specs_for_output
 
 SPEC = """\
 base: toy/_base
@@ -44,7 +44,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from repro.render.figure_steps import figure
+from repro.harness.render.figure_steps import figure
 
 
 @figure("toy-figure")
@@ -102,7 +102,7 @@ def test_a_paper_folder_outside_the_tree_is_discovered(toy_paper: Path, tmp_path
 
 
 def test_figures_of_a_paper_no_longer_found_are_not_drawn(toy_paper: Path, monkeypatch: pytest.MonkeyPatch):
-    from repro.render.figure_steps import figure_steps
+    from repro.harness.render.figure_steps import figure_steps
 
     steps = list(figure_steps())
     assert "toy-figure" in steps and steps[-1] == "reported-vs-reproduced"

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from repro.cli import main
-from repro.errors import ReproError
-from repro.plan import make_plan
-from repro.spec import load_spec
+from repro.core.errors import ReproError
+from repro.harness.plan import make_plan
+from repro.harness.spec import load_spec
 from tests.conftest import TINY_SPEC
 
 

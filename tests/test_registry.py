@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from repro.errors import ReproError
-from repro.registry import Registry
+from repro.core.errors import ReproError
+from repro.core.registry import Registry
 
 
 @pytest.fixture
@@ -15,7 +15,7 @@ def plugin_package(tmp_path, monkeypatch):
     """A throw-away package ``plugins_demo`` with two modules that register into ``REG`` when imported."""
     package = tmp_path / "plugins_demo"
     package.mkdir()
-    (package / "__init__.py").write_text("from repro.registry import Registry\nREG = Registry('widget', package=__name__)\n")
+    (package / "__init__.py").write_text("from repro.core.registry import Registry\nREG = Registry('widget', package=__name__)\n")
     for name in ("alpha", "beta"):
         (package / f"{name}.py").write_text(f"from plugins_demo import REG\n\n@REG.register('{name}')\ndef make():\n"
                                             f"    return '{name}'\n")
@@ -50,8 +50,8 @@ def test_a_registry_without_a_package_holds_what_its_module_registers():
 
 @pytest.mark.parametrize("module, registry, member", [
     ("repro.methods", "LOSS_TERMS", "wttm"), ("repro.models", "MODELS", "resnet8x4"),
-    ("repro.data", "DATASETS", "cifar100"), ("repro.pipelines", "PIPELINES", "cifar_transfer"),
-    ("repro.loggers", "LOGGERS", "tensorboard")])
+    ("repro.data", "DATASETS", "cifar100"), ("repro.data.pipelines", "PIPELINES", "cifar_transfer"),
+    ("repro.train.loggers", "LOGGERS", "tensorboard")])
 def test_the_suites_registries_discover_their_packages(module, registry, member):
     import importlib
 

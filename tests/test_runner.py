@@ -16,9 +16,9 @@ import torch
 
 from repro.cli import main
 from repro.methods.base import LOSS_TERMS, LossTerm
-from repro.plan import make_plan
-from repro.spec import load_spec
-from repro.store import RunStore
+from repro.harness.plan import make_plan
+from repro.harness.spec import load_spec
+from repro.harness.store import RunStore
 from tests.conftest import TESTS, TINY_SPEC
 
 RESUME_SPEC = str(TESTS / "specs" / "tiny_resume.yaml")
@@ -63,8 +63,8 @@ def test_tiny_table_end_to_end(workdirs, capsys):
 
 
 def test_report_renders_every_cell_with_verdicts(workdirs, monkeypatch):
-    from repro.compare import compare_plan
-    from repro.render.tables import CSV_COLUMNS, render_output
+    from repro.harness.compare import compare_plan
+    from repro.harness.render.tables import CSV_COLUMNS, render_output
 
     assert main(["run", TINY_SPEC, "--tier", "smoke", *QUIET]) == 0
     plan = make_plan(load_spec(TINY_SPEC), "smoke")
@@ -104,7 +104,7 @@ def test_non_finite_loss_fails_the_run_and_the_table_says_failed(workdirs, tmp_p
     assert len(failed) == 1
     assert failed[0]["epoch"] == 1 and failed[0]["step"] == 2 and "non-finite loss" in failed[0]["reason"]
     assert "best_top1" not in failed[0]
-    from repro.compare import compare_plan
+    from repro.harness.compare import compare_plan
 
     plan = make_plan(load_spec(str(spec)), "smoke")
     student = next(r for r in compare_plan(plan, store) if r.cell.method == "Student")
@@ -174,7 +174,7 @@ def _hold_in_another_process(store: RunStore, run_id: str) -> subprocess.Popen:
 
 
 def test_run_states_claims_waits_settles_and_retries_a_snapshot_of_failed_runs(tmp_path, capsys):
-    from repro.runner import PlanProgress, RunStates
+    from repro.harness.execute import PlanProgress, RunStates
 
     plan, run = _tiny_runs()
     store = RunStore(tmp_path / "runs")
@@ -218,7 +218,7 @@ def test_run_states_claims_waits_settles_and_retries_a_snapshot_of_failed_runs(t
 
 
 def test_run_states_retries_only_the_failed_result_it_saw_and_blocks_dependants(tmp_path):
-    from repro.runner import RunStates
+    from repro.harness.execute import RunStates
 
     plan, run = _tiny_runs()
     store = RunStore(tmp_path / "runs")
@@ -234,7 +234,7 @@ def test_run_states_retries_only_the_failed_result_it_saw_and_blocks_dependants(
 
 def _fake_training(monkeypatch) -> list:
     """``execute_run`` that writes a result at once, and a record of every RunStates.record call."""
-    from repro import runner
+    from repro.harness import execute as runner
 
     recorded = []
 
@@ -267,9 +267,9 @@ class _InlineJob:
 
 
 def test_the_in_process_loop_and_the_job_scheduler_both_drive_run_states(tmp_path, monkeypatch):
-    from repro.distributed import ScaleOptions
-    from repro.executors import JobScheduler, Submitter
-    from repro.runner import execute
+    from repro.train.distributed import ScaleOptions
+    from repro.harness.executors import JobScheduler, Submitter
+    from repro.harness.execute import execute
 
     recorded = _fake_training(monkeypatch)
     plan = make_plan(load_spec(TINY_SPEC), "smoke")
@@ -288,7 +288,7 @@ def test_the_in_process_loop_and_the_job_scheduler_both_drive_run_states(tmp_pat
 
 
 def test_plan_output_is_one_line_per_run_and_no_redrawn_bars_when_not_a_terminal(workdirs, capsys, monkeypatch):
-    from repro import runner
+    from repro.harness import execute as runner
 
     bars = []
     original = runner.execute_run

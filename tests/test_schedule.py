@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from repro.optim import SCHEDULES
-from repro.train_config import ScheduleConfig
+from repro.train.optim import SCHEDULES
+from repro.train.config import ScheduleConfig
 
 
 def official_lr(epoch: int, base: float = 0.05, milestones=(150, 180, 210), rate: float = 0.1) -> float:
@@ -37,7 +37,7 @@ def test_cosine_warms_up_then_decays():
 
 
 def _drive(name: str, cfg: ScheduleConfig, epochs: int, steps: int, base: float) -> list[list[float]]:
-    """The lr of every optimizer step, called as repro.train.Trainer calls a schedule: step(t) at the start of
+    """The lr of every optimizer step, called as repro.train.loop.Trainer calls a schedule: step(t) at the start of
     0-based epoch t, step_update(u) before the u-th optimizer step."""
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
     sched = SCHEDULES.get(name)(opt, cfg, epochs, steps)
@@ -150,10 +150,10 @@ def test_iter_warmup_cosine_equals_mmengines_schedule(warmup, epochs, steps):
 
 def test_trainer_steps_the_schedule_per_iteration(workdirs):
     """A real run: the lr logged at the end of each epoch (its last optimizer step) follows mmengine's schedule."""
-    from repro.plan import make_plan
-    from repro.spec import load_spec
-    from repro.store import RunStore
-    from repro.train import Resolved, train_run
+    from repro.harness.plan import make_plan
+    from repro.harness.spec import load_spec
+    from repro.harness.store import RunStore
+    from repro.train.loop import Resolved, train_run
 
     from conftest import TINY_SPEC
 

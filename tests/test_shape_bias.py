@@ -13,7 +13,7 @@ import torch.nn as nn
 from timm.data import ImageNetInfo
 
 from repro.data.cue_conflict_synthetic import write_synthetic_cue_conflict
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.analyses import SUITES
 from repro.analyses.shape_bias import (
     CATEGORIES,
@@ -23,7 +23,7 @@ from repro.analyses.shape_bias import (
     sixteen_class_indices,
     texture_class_from_filename,
 )
-from repro.render.analysis_plots import plot_shape_bias
+from repro.harness.render.analysis_plots import plot_shape_bias
 
 AIRPLANE = 404  # the only ImageNet index of "airplane" (airliner)
 

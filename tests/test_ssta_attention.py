@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.data.batch import Batch
 from repro.methods import Distiller, Outputs, TermContext, get_term
 from repro.models import create_model
-from repro.ssta.attention import AttentionCapture, attention_kl
+from repro.methods.attention_readings import AttentionCapture, attention_kl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -208,7 +208,7 @@ def test_ta_only_split_uses_the_second_student_head(images):
 
 def test_selection_params_pin_the_chosen_heads():
     from repro.methods.ssta import selection_params
-    from repro.ssta.head_importance import HeadSelection
+    from repro.methods.head_importance import HeadSelection
 
     params = selection_params(HeadSelection("importance", [(11, 4)]), HeadSelection("fixed", [(9, 0)]))
     assert params == {"teacher_layer": 11, "teacher_head": 4, "ta_layer": 9, "ta_head": 0}

@@ -1,7 +1,7 @@
 """SSTA end to end and the ``auto`` head choice inside ``ssta_attn``.
 
-End to end: a tiny spec on the real SSTA base (``ssta/_imagenet``) goes through ``repro.plan`` and
-``repro.runner``: a supervised teacher trained with CE, a teaching assistant pretrained without labels
+End to end: a tiny spec on the real SSTA base (``ssta/_imagenet``) goes through ``repro.harness.plan`` and
+``repro.harness.execute``: a supervised teacher trained with CE, a teaching assistant pretrained without labels
 (``masked_recon``), head selection inside the term, then the SSTA student, each with its result.json.
 Term level: the decisive head of a teacher (CE importance) and of a label-free TA (feature or probe importance)
 is found, cached, reported, and leaves every global RNG where it was.
@@ -17,16 +17,16 @@ import pytest
 import torch
 import yaml
 
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.data.batch import Batch
 from repro.methods import Outputs, TermContext, get_term
 from repro.models import create_model
-from repro.plan import make_plan
-from repro.runner import execute
-from repro.spec import load_spec
-from repro.ssta.attention import AttentionCapture, attention_kl
-from repro.ssta.head_importance import last_blocks_features
-from repro.store import RunStore
+from repro.harness.plan import make_plan
+from repro.harness.execute import execute
+from repro.harness.spec import load_spec
+from repro.methods.attention_readings import AttentionCapture, attention_kl
+from repro.methods.head_importance import last_blocks_features
+from repro.harness.store import RunStore
 from tests.support import silence_heads, tiny_ssta_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")

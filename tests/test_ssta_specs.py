@@ -11,10 +11,10 @@ import pytest
 import yaml
 
 from repro.methods import LOSS_TERMS
-from repro.optim import effective_lr
-from repro.plan import make_plan
+from repro.train.optim import effective_lr
+from repro.harness.plan import make_plan
 from repro.papers import spec_files
-from repro.spec import Spec, load_spec, spec_path, specs_for_output
+from repro.harness.spec import Spec, load_spec, spec_path, specs_for_output
 
 SPEC_IDS = ["ssta/imagenet-main", "ssta/ablation-ta", "ssta/ablation-heads", "ssta/ablation-weights",
             "ssta/ablation-early-stop"]

@@ -11,12 +11,12 @@ import pytest
 import torch
 import yaml
 
-from repro.compare import compare_cell
+from repro.harness.compare import compare_cell
 from repro.methods import get_term
-from repro.plan import make_plan
-from repro.runner import execute
-from repro.spec import Cell, MethodDef, load_spec
-from repro.store import RunStore
+from repro.harness.plan import make_plan
+from repro.harness.execute import execute
+from repro.harness.spec import Cell, MethodDef, load_spec
+from repro.harness.store import RunStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -64,10 +64,9 @@ def test_compile_compiles_the_training_step_and_says_so(tmp_path, workdirs):
     create_model("resnet8", num_classes=100).load_state_dict(state)
 
 
-@pytest.mark.slow  # trains teachers and students through the cache end to end: the heaviest of the fast suite, so `make test-all` only
 def test_teacher_cache_stamps_what_ran_and_a_float32_prefill_is_the_file_training_opens(tmp_path, workdirs):
-    from repro.runner import cache_teachers
-    from repro.teacher_outputs import cache_dir
+    from repro.harness.execute import cache_teachers
+    from repro.train.teacher_cache_open import cache_dir
 
     methods = {"KD": {"losses": {"ce": 0.1, "kd": {"weight": 0.9, "temperature": 4}}},
                "CRD": {"losses": {"ce": 1.0, "kd": {"weight": 1.0, "temperature": 4}, "crd": {"weight": 0.8, "k": 8}}}}

@@ -13,7 +13,7 @@ from repro.data import ImageTensorDataset
 from repro.data.loader import (TensorLoader, apply_views, identity_views, normalize, num_views, sample_views,
                                view_ids)
 from repro.data.teacher_cache import TeacherCache, cached_teacher_fn, checkpoint_key, fill_cache
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.data.batch import Batch
 from repro.methods import Distiller, TermContext, get_term
 

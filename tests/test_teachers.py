@@ -11,10 +11,10 @@ import torch
 import torch.nn as nn
 
 from repro.core.io import sha256_file
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.models import MODELS, create_model, model_names
 from repro.models.weights import load_repdistiller, read_repdistiller_state
-from repro.teachers import (
+from repro.models.teachers import (
     BUNDLE_URL,
     SHIPPED_LOCK_PATH,
     EXPECTED_TEACHER_TOP1,
@@ -281,7 +281,7 @@ def test_the_user_lock_lives_next_to_the_teachers_and_the_shipped_one_is_never_w
 
 
 def test_a_published_checksum_binds_every_download(tmp_path: Path, bundle, monkeypatch) -> None:
-    import repro.teachers as teachers
+    import repro.models.teachers as teachers
 
     url, _ = bundle
     published = tmp_path / "published.lock.json"
@@ -297,10 +297,10 @@ def test_a_published_checksum_binds_every_download(tmp_path: Path, bundle, monke
 
 
 def test_one_teacher_root_for_fetch_and_plan(tmp_path: Path, monkeypatch) -> None:
-    import repro.teachers as teachers
+    import repro.models.teachers as teachers
     from repro.cli import main
-    from repro.plan import make_plan, teachers_root
-    from repro.spec import load_spec
+    from repro.harness.plan import make_plan, teachers_root
+    from repro.harness.spec import load_spec
 
     root = tmp_path / "elsewhere"
     monkeypatch.setenv("REPRO_TEACHERS", str(root))
@@ -315,8 +315,8 @@ def test_one_teacher_root_for_fetch_and_plan(tmp_path: Path, monkeypatch) -> Non
 
 
 def _teacher_runs(spec_id: str = "wttm/cifar100-table1") -> dict:
-    from repro.plan import make_plan
-    from repro.spec import load_spec
+    from repro.harness.plan import make_plan
+    from repro.harness.spec import load_spec
 
     plan = make_plan(load_spec(spec_id), "full", 1)
     return {r.config["model"]["arch"]: r for r in plan.ordered() if r.config["kind"] == "eval"}
@@ -344,7 +344,7 @@ def test_run_ids_do_not_depend_on_where_the_teachers_are_but_on_their_sha256(tmp
 
 
 def test_a_run_refuses_a_checkpoint_that_changed_after_planning(tmp_path: Path, monkeypatch) -> None:
-    from repro.runner import load_eval_model
+    from repro.harness.execute import load_eval_model
 
     root = tmp_path / "teachers"
     monkeypatch.setenv("REPRO_TEACHERS", str(root))
@@ -362,9 +362,9 @@ def test_a_run_refuses_a_checkpoint_that_changed_after_planning(tmp_path: Path, 
 
 
 def test_tables_say_what_pins_the_teacher_checkpoints(tmp_path: Path, monkeypatch) -> None:
-    from repro.plan import make_plan
-    from repro.render.tables import stamp_lines
-    from repro.spec import load_spec
+    from repro.harness.plan import make_plan
+    from repro.harness.render.tables import stamp_lines
+    from repro.harness.spec import load_spec
 
     root = tmp_path / "teachers"
     monkeypatch.setenv("REPRO_TEACHERS", str(root))

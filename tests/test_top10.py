@@ -13,10 +13,10 @@ import torch
 import torch.nn as nn
 
 from repro.data.imagefolder import write_synthetic_imagefolder
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.analyses import SUITES, run_suites
 from repro.analyses.top10 import RANK_RULES, TABLE_COLUMNS, per_class_correct, top10_table
-from repro.render.analysis_plots import plot_top10
+from repro.harness.render.analysis_plots import plot_top10
 from tests.support import ConstantLogits
 
 

@@ -1,12 +1,12 @@
-"""The trainer's run config (repro.train_config): built by the harness from a spec's recipe, read back by the
+"""The trainer's run config (repro.train.config): built by the harness from a spec's recipe, read back by the
 trainer, with one set of defaults."""
 from __future__ import annotations
 
 
 def test_the_trainers_recipe_is_the_specs_recipe_without_the_planner_fields():
     # One defaults path: the spec's recipe extends the trainer's, so every field has one default, in one place.
-    from repro.spec import Recipe, load_spec
-    from repro.train_config import TrainRecipe
+    from repro.harness.spec import Recipe, load_spec
+    from repro.train.config import TrainRecipe
 
     assert set(Recipe.model_fields) - set(TrainRecipe.model_fields) == {"lr_by_arch", "teachers"}
     assert all(Recipe.model_fields[name].default == field.default for name, field in TrainRecipe.model_fields.items())

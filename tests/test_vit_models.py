@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import repro.models.weights as weights
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.models import create_model, model_names
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.losses.vitkd import TokenGenerator, random_token_mask, vitkd_generation_loss, vitkd_mimic_loss
 from repro.data.batch import Batch
 from repro.methods import Outputs, TermContext, get_term

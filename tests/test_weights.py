@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 import repro.models.weights as weights
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.models import create_model
 from repro.models.weights import load_repdistiller, load_run_weights
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.losses import wttm_loss
 from repro.methods import TermContext
 from repro.methods.base import Outputs
@@ -53,10 +53,10 @@ def test_rescale_multiplies_by_the_ratio_of_mean_u():
 def test_a_run_with_the_rescale_records_it_in_its_result(workdirs):
     from conftest import TINY_SPEC
     from repro.models import create_model
-    from repro.plan import make_plan
-    from repro.spec import load_spec
-    from repro.store import RunStore
-    from repro.train import Resolved, train_run
+    from repro.harness.plan import make_plan
+    from repro.harness.spec import load_spec
+    from repro.harness.store import RunStore
+    from repro.train.loop import Resolved, train_run
 
     plan = make_plan(load_spec(TINY_SPEC), "smoke")
     run = next(r for r in plan.ordered() if "wttm" in r.config["losses"])

@@ -16,10 +16,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.models import create_model
-from repro.ssta.attention import AttentionCapture, attention_kl, default_reading
-from repro.ssta.head_importance import select_heads
+from repro.methods.attention_readings import AttentionCapture, attention_kl, default_reading
+from repro.methods.head_importance import select_heads
 from tests.support import tiny_ssta_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -266,10 +266,10 @@ TINY_SPEC = tiny_ssta_spec(
 
 @pytest.mark.slow  # three SSTA runs end to end: the heaviest of the fast suite, so `make test-all` only
 def test_the_three_readings_run_end_to_end_and_are_recorded_in_result_json(tmp_path, monkeypatch):
-    from repro.plan import make_plan
-    from repro.runner import execute
-    from repro.spec import load_spec
-    from repro.store import RunStore
+    from repro.harness.plan import make_plan
+    from repro.harness.execute import execute
+    from repro.harness.spec import load_spec
+    from repro.harness.store import RunStore
 
     monkeypatch.setenv("REPRO_DATA", str(tmp_path / "data"))
     spec_file = tmp_path / "tiny.yaml"
@@ -332,7 +332,7 @@ def test_xca_channel_maps_need_equal_head_dimensions():
 
 
 def test_a_probe_on_an_xcit_reads_its_output_features_as_dino_does():
-    from repro.ssta.head_importance import last_blocks_features, pooled_features
+    from repro.methods.head_importance import last_blocks_features, pooled_features
 
     model = create_model("xcit_smoke_tiny", num_classes=0).eval()
     x = _images(32)

@@ -41,7 +41,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
-from repro.registry import Registry
+from repro.core.registry import Registry
 
 SuiteFn = Callable[[nn.Module, Mapping[str, Any], "torch.device | str"], dict[str, Any]]
 

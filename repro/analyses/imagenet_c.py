@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from repro.analyses import suite
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.analyses.predict import (
     EvalOptions,
     build_folder_loader,

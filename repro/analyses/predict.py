@@ -22,7 +22,7 @@ from torchvision import datasets, transforms
 from tqdm.auto import tqdm
 
 from repro.analyses import suite
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

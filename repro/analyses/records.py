@@ -25,7 +25,7 @@ def evaluate_record(model: LoadedModel, suites: Sequence[str], data: EvalData, o
                     arguments: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Run the suites on the model and return the record (JSON-ready)."""
     from repro.analyses import SUITES
-    from repro.provenance import environment
+    from repro.core.env import environment
 
     runners = {name: SUITES.get(name) for name in suites}  # unknown names fail before any work
     data.check(list(suites))

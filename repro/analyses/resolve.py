@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 
 IMAGENET_CLASSES = 1000
 
@@ -90,7 +90,7 @@ def resolve_run_id(store: Any, ref: str) -> Optional[str]:
 
 
 def _load_run(store: Any, run_id: str, device: torch.device) -> tuple[nn.Module, dict[str, Any], str]:
-    from repro.runner import load_run_model
+    from repro.harness.execute import load_run_model
 
     result = store.result(run_id) or {}
     if result.get("status") != "done":

@@ -25,7 +25,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from repro.analyses import suite
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.analyses.predict import EvalOptions, build_folder_loader, options_from_cfg, predict_folder, require_root
 
 SIXTEEN_CLASS_FILE = Path(__file__).resolve().parent.parent / "data" / "shape_bias_16class.json"

@@ -1,7 +1,7 @@
 """The models of a spec's runs, evaluated for analysis figures: the teacher, teaching assistant(s) and students of
 a plan's cells (finished runs only), each evaluated once on the chosen suites into a record kept beside the run
 (reused while the data, options and suites are the same). ``ctx`` is the ``repro figures`` context
-(``repro.render.figure_steps.FigureContext``): its tier, store, device and command-line arguments.
+(``repro.harness.render.figure_steps.FigureContext``): its tier, store, device and command-line arguments.
 """
 from __future__ import annotations
 

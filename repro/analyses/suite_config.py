@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 from repro.analyses.resolve import IMAGENET_CLASSES, LoadedModel
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 
 SMOKE_EVAL_ROOT = Path("data/smoke-eval")
 SYNTHETIC_IMAGENET_CLASSES = 10  # WNID folders written for a 1000-way model (the first ImageNet classes)

@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from repro.analyses import suite
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.analyses.predict import (
     ValOptions,
     build_folder_loader,
@@ -31,7 +31,7 @@ from repro.analyses.predict import (
     require_root,
     to_model_labels,
 )
-from repro.registry import Registry
+from repro.core.registry import Registry
 
 # A rule maps (correct counts per model, in order A then B; k) to [(group label, ranked class indices)].
 RankRule = Callable[[dict[str, np.ndarray], int], list[tuple[str, list[int]]]]

@@ -12,7 +12,7 @@ import importlib
 import sys
 from typing import Callable, Optional
 
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 
 Command = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, Command] = {}
@@ -43,13 +43,13 @@ def _import_groups() -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from repro.numerics import set_cublas_workspace
+    from repro.core.numerics import set_cublas_workspace
 
     set_cublas_workspace()  # before any CUDA work of this process (cost model, teacher gate, every run)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
-        from repro.executors import prepare
+        from repro.harness.executors import prepare
 
         launched = prepare(args, argv)  # --nproc N: this process launches N workers and waits for them
         if launched is not None:

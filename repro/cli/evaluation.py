@@ -18,7 +18,7 @@ from typing import Any
 from repro.analyses.resolve import DEFAULT_HEAD, HEADS, IMAGENET_CLASSES
 from repro.cli import command
 from repro.cli.options import RUN_STORE_HELP, device_of, store_of
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 
 def parse_suites(text: str) -> list[str]:
     from repro.analyses import SUITES

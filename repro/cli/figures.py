@@ -1,4 +1,4 @@
-"""``repro figures --tier T``: every registered figure of a tier into ``figures/`` (``repro.render.figure_steps``;
+"""``repro figures --tier T``: every registered figure of a tier into ``figures/`` (``repro.harness.render.figure_steps``;
 each paper's figures are defined in its folder). At the smoke tier it first runs the smoke runs they need
 (plan + execute, as ``repro run``) and evaluates the analysis models on synthetic data.
 """
@@ -12,7 +12,7 @@ from typing import Any
 from repro.analyses.suite_config import SMOKE_EVAL_ROOT
 from repro.cli import command
 from repro.cli.options import RUN_STORE_HELP, TIER_CHOICES, device_of, store_of
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 
 
 def add_figures_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -43,8 +43,8 @@ def add_figures_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run_figures(args: argparse.Namespace) -> int:
-    from repro.render.figure_steps import FigureContext, figure_steps
-    from repro.render.figures import figure_stamp
+    from repro.harness.render.figure_steps import FigureContext, figure_steps
+    from repro.harness.render.figures import figure_stamp
 
     registered = figure_steps()
     steps = list(registered) if not args.only else [s.strip() for s in args.only.split(",") if s.strip()]

@@ -31,7 +31,7 @@ def tier_options(p: argparse.ArgumentParser, tier: bool = True) -> None:
 
 def running_options(p: argparse.ArgumentParser) -> None:
     """The options of commands that execute runs (and the executors' --executor/--jobs/--nproc/...)."""
-    from repro.executors import add_scaleout_arguments
+    from repro.harness.executors import add_scaleout_arguments
 
     p.add_argument("--retry-failed", action="store_true", help="run failed runs again")
     p.add_argument("--no-progress", action="store_true")
@@ -54,13 +54,13 @@ def override_options(p: argparse.ArgumentParser) -> None:
 
 
 def device_of(args: argparse.Namespace) -> Any:
-    from repro.distributed import resolve_device
+    from repro.train.distributed import resolve_device
 
     return resolve_device(args.device)
 
 
 def store_of(args: argparse.Namespace) -> Any:
-    from repro.store import RunStore
+    from repro.harness.store import RunStore
 
     return RunStore(Path(args.runs) if args.runs else None)
 

@@ -9,7 +9,7 @@ from typing import Any, Iterator, Optional
 from repro.cli import command
 from repro.cli.options import (device_of, output_plans_of, override_options, plan_of, running_options, set_flags,
                                store_of, tier_options)
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 
 
 def _schedule_summary(config: dict) -> str:
@@ -30,7 +30,7 @@ def _schedule_summary(config: dict) -> str:
 def _print_plan(plan, store, device, estimate: bool = True, cost=None) -> Optional[float]:
     """Print the plan; returns the estimated seconds of its pending runs (from ``cost``, else measured on
     ``device``), or None when they cannot be estimated (the reason is printed)."""
-    from repro.cost import CannotEstimate, CostModel, format_duration
+    from repro.harness.cost import CannotEstimate, CostModel, format_duration
 
     if cost is None and estimate:
         cost = CostModel(store, device)
@@ -74,7 +74,7 @@ def _inert_hint(plan, text: str) -> str:
 def _remote_cost(store, args: argparse.Namespace):
     """The cost model of runs on other machines (Slurm): the cached measurements of ``--estimate-device``.
     Without it there is no estimate (and --budget-hours is refused): this machine's device is not theirs."""
-    from repro.cost import CostModel, measured_devices
+    from repro.harness.cost import CostModel, measured_devices
 
     if args.estimate_device:
         return CostModel.from_cache(store, args.estimate_device)
@@ -89,8 +89,8 @@ def _remote_cost(store, args: argparse.Namespace):
 
 
 def _execute(plan, args: argparse.Namespace) -> int:
-    from repro.distributed import is_main_process
-    from repro.executors import execute_with_args, runs_elsewhere
+    from repro.train.distributed import is_main_process
+    from repro.harness.executors import execute_with_args, runs_elsewhere
 
     store = store_of(args)
     # Slurm jobs resolve --device on their own nodes; this machine (a login node, maybe without a GPU) does not.
@@ -121,7 +121,7 @@ def _selected_loggers(args: argparse.Namespace) -> Iterator[None]:
     the environment is restored afterwards."""
     import os
 
-    from repro.loggers import ENV, selected_loggers
+    from repro.train.loggers import ENV, selected_loggers
 
     value = getattr(args, "log", None)
     selected_loggers(value)
@@ -166,7 +166,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 @command("table")
 def cmd_table(args: argparse.Namespace) -> int:
     """Run every spec that renders into ``tables/<output>.md``, then render it."""
-    from repro.distributed import is_main_process
+    from repro.train.distributed import is_main_process
 
     for plan in output_plans_of(args.output, args):
         _execute(plan, args)
@@ -185,8 +185,8 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     import os
     import subprocess
 
-    from repro.plan import make_plan
-    from repro.spec import all_outputs, all_spec_ids, load_spec
+    from repro.harness.plan import make_plan
+    from repro.harness.spec import all_outputs, all_spec_ids, load_spec
 
     sizes = sorted(((len(make_plan(load_spec(s), "smoke").runs), s) for s in all_spec_ids()), reverse=True)
     groups: list[list[str]] = [[] for _ in range(max(1, args.parallel))]
@@ -215,7 +215,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 @command("status")
 def cmd_status(args: argparse.Namespace) -> int:
     """Pending, submitted, running, interrupted, done and failed runs, whichever executor runs them."""
-    from repro.executors import print_status
+    from repro.harness.executors import print_status
 
     plan = plan_of(args.spec, args) if args.spec else None
     print_status(store_of(args), plan, verbose=args.verbose)

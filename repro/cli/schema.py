@@ -11,7 +11,7 @@ from repro.cli import command
 
 @command("specs")
 def cmd_specs(args: argparse.Namespace) -> int:
-    from repro.spec import all_spec_ids, load_spec
+    from repro.harness.spec import all_spec_ids, load_spec
 
     for spec_id in all_spec_ids():
         spec = load_spec(spec_id, check_models=False)
@@ -21,7 +21,7 @@ def cmd_specs(args: argparse.Namespace) -> int:
 
 @command("schema")
 def cmd_schema(args: argparse.Namespace) -> int:
-    from repro.spec import json_schema
+    from repro.harness.spec import json_schema
 
     text = json.dumps(json_schema(), indent=2)
     if args.output:

@@ -13,8 +13,8 @@ from repro.cli.options import (RUN_STORE_HELP, TEACHER_SOURCES, TIER_CHOICES, ov
 @command("runs")
 def cmd_runs(args: argparse.Namespace) -> int:
     """The runs of the store, or of a spec's plans (every tier unless --tier), as a table."""
-    from repro.inventory import runs_rows, runs_table
-    from repro.spec import TIERS
+    from repro.harness.inventory import runs_rows, runs_table
+    from repro.harness.spec import TIERS
 
     plans = []
     if args.spec:
@@ -30,7 +30,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 @command("export")
 def cmd_export(args: argparse.Namespace) -> int:
-    from repro.bundles import export_bundle
+    from repro.harness.bundles import export_bundle
 
     summary = export_bundle([plan_of(args.spec, args)], store_of(args), Path(args.output), args.with_weights)
     print(f"wrote {summary.path}: {len(summary.runs)} runs" +
@@ -40,7 +40,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 @command("import")
 def cmd_import(args: argparse.Namespace) -> int:
-    from repro.bundles import import_bundle
+    from repro.harness.bundles import import_bundle
 
     summary = import_bundle(Path(args.bundle), store_of(args))
     print(f"{args.bundle}: {len(summary.imported)} runs imported, {len(summary.present)} already present with the "

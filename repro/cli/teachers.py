@@ -8,12 +8,12 @@ from typing import Any
 from repro.cli import command
 from repro.cli.options import device_of, plan_of, running_options, store_of, tier_options
 from repro.cli.plan import cmd_table
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 
 
 @command("teachers")
 def cmd_teachers(args: argparse.Namespace) -> int:
-    from repro import teachers
+    from repro.models import teachers
 
     if args.action == "fetch":
         dest = Path(args.dest) if args.dest else _teachers_root(args)
@@ -26,7 +26,7 @@ def cmd_teachers(args: argparse.Namespace) -> int:
         args.output = "wttm-teachers"
         return cmd_table(args)
     if args.action == "cache":
-        from repro.runner import cache_teachers
+        from repro.harness.execute import cache_teachers
 
         for run_id, computed in cache_teachers(plan_of(args.spec, args), store_of(args), device_of(args)):
             print(f"teacher {run_id}: {computed} views computed")
@@ -36,8 +36,8 @@ def cmd_teachers(args: argparse.Namespace) -> int:
 
 def _teachers_root(args: argparse.Namespace) -> Path:
     """The teacher root the planner uses for ``--spec`` at ``--tier``: one root for fetching and planning."""
-    from repro.plan import teachers_root
-    from repro.spec import load_spec
+    from repro.harness.plan import teachers_root
+    from repro.harness.spec import load_spec
 
     return teachers_root(load_spec(args.spec).recipe_for(args.tier))
 

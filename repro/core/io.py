@@ -42,7 +42,7 @@ from typing import IO, Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 
 # ---------------------------------------------------------------------------------------------- atomic writes
 

@@ -2,7 +2,7 @@
 
 A reader is registered in ``DATASETS`` (``@DATASETS.register("cifar100")``) as
 ``fn(root: Path, split: str, download: bool) -> ImageTensorDataset``. The registry imports every module of this
-package before its first lookup (``repro.registry``), so a new dataset is one new file here: no list to edit.
+package before its first lookup (``repro.core.registry``), so a new dataset is one new file here: no list to edit.
 
 The ``fingerprint`` of a dataset is a sha256 over its source files; it keys every cache derived from the data
 (the teacher-output cache), so replacing a file can never serve stale results.
@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from repro.core.io import sha256_file
-from repro.errors import ReproError
-from repro.registry import Registry
+from repro.core.errors import ReproError
+from repro.core.registry import Registry
 
 
 @dataclass

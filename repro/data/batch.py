@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator, Optional, Protocol
 import torch
 from torch import Tensor
 
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 
 
 @dataclass

@@ -21,7 +21,7 @@ from torchvision.datasets.utils import download_and_extract_archive
 
 from repro.core.io import file_digests
 from repro.data import DATASETS, ImageTensorDataset, combine_fingerprint
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 
 SYNTHETIC_MANIFEST = "synthetic_manifest.json"
 IMAGE_SHAPE = (3, 32, 32)

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from repro.data.batch import Batch, GlobalBatches, epoch_generator
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

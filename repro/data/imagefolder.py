@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 
 SPLITS = ("train", "val")
 

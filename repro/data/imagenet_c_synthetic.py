@@ -24,7 +24,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 
 # One corruption of each family, all fast on 32-64 px images (glass_blur is ~100x slower than the others).
 SMOKE_CORRUPTIONS = ("gaussian_noise", "motion_blur", "snow", "contrast", "jpeg_compression")

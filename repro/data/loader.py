@@ -18,7 +18,7 @@ from torch import Tensor
 
 from repro.data import ImageTensorDataset
 from repro.data.batch import Batch, GlobalBatches, check_rank, epoch_generator
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 
 PADDING = 4  # RandomCrop(32, padding=4)
 NUM_FLIPS = 2

@@ -47,8 +47,8 @@ from torchvision.transforms import InterpolationMode
 
 from repro.data.folder_loader import FolderLoader, ShuffleSampler, _SeededRepeatAugSampler
 from repro.data.imagefolder import IndexedImageFolder, load_imagefolder_splits
-from repro.errors import ReproError
-from repro.registry import Registry
+from repro.core.errors import ReproError
+from repro.core.registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -11,7 +11,7 @@ erasing). At ``image_size`` 32 the ``deit`` recipe switches to its CIFAR-sized v
 what the smoke tier runs.
 
 ``pipeline_args``: ``image_size`` (224), ``workers`` (0), ``augmentation`` (``deit``), and any option of that recipe.
-The loaders are the folder pipelines' own (``assemble_loaders``); reading the recipe is ``repro.pipelines``'s job.
+The loaders are the folder pipelines' own (``assemble_loaders``); reading the recipe is ``repro.data.pipelines``'s job.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from repro.data.pipelines_folder import (
     IMAGENET_STD,
     assemble_loaders,
 )
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 
 DEFAULT_IMAGE_SIZE = 224
 PIPELINE_NAME = "cifar_transfer"

@@ -27,7 +27,7 @@ import numpy as np
 from repro.core.io import atomic_write_bytes, sha256_file
 from repro.data import DATASETS, ImageTensorDataset
 from repro.data.cifar import SYNTHETIC_MANIFEST, get_layout, read_cifar
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 
 GENERATOR_VERSION = 1
 IMAGE_SIZE = 32

@@ -44,7 +44,7 @@ from repro.core.io import atomic_write_text, sha256_file
 from repro.data import ImageTensorDataset
 from repro.data.loader import (PADDING, apply_views, channel_stats, identity_views, normalize, num_views, view_ids,
                                views_from_ids)
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.data.batch import Batch
 
 CACHE_FORMAT = 2  # 2: per-entry checksums

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 
 NCE_EPS = 1e-7  # RepDistiller's eps in the NCE denominators
 CONTRAST_MODES = ("exact", "relax")

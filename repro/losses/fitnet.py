@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 
 
 def hint_loss(regressed: Tensor, teacher: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 
 
 def nd_loss(student_emb: Tensor, teacher_emb: Tensor, class_centers: Tensor, labels: Tensor) -> Tensor:

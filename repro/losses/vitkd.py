@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 
 
 def vitkd_mimic_loss(student_tokens: Sequence[Tensor], teacher_tokens: Sequence[Tensor]) -> Tensor:

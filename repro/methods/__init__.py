@@ -1,5 +1,5 @@
 """Registered loss terms. ``LOSS_TERMS`` imports every module of this package before its first lookup
-(``repro.registry``), so a new method is one new file here (``@LOSS_TERMS.register("name")``) plus spec rows: no
+(``repro.core.registry``), so a new method is one new file here (``@LOSS_TERMS.register("name")``) plus spec rows: no
 list to edit."""
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from typing import Optional
 import torch.nn as nn
 from torch import Tensor
 
-from repro.domains import EPOCHS, POSITIVE, optional
+from repro.core.domains import EPOCHS, POSITIVE, optional
 from repro.losses.ab import ab_loss, connector
 from repro.data.batch import Batch
 from repro.methods.base import LOSS_TERMS, InitStage, LossTerm, Outputs, TermContext

@@ -18,9 +18,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from repro.data.batch import Batch
-from repro.domains import Domain
-from repro.errors import ReproError
-from repro.registry import Registry
+from repro.core.domains import Domain
+from repro.core.errors import ReproError
+from repro.core.registry import Registry
 
 
 @dataclass
@@ -87,7 +87,7 @@ class LossTerm(nn.Module):
 
     ``forward`` returns the *unweighted* batch loss (a scalar); the distiller applies the spec's weight.
     Trainable parameters of a term (e.g. CRD's embedding heads) are optimised with the student.
-    ``domains`` declares the values each constructor parameter may take; ``repro.spec`` checks every cell's
+    ``domains`` declares the values each constructor parameter may take; ``repro.harness.spec`` checks every cell's
     parameters (given or default) against them when the spec loads.
     """
 

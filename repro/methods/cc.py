@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from repro.domains import POSITIVE_INT
+from repro.core.domains import POSITIVE_INT
 from repro.losses.cc import LinearEmbed, correlation_congruence_loss
 from repro.data.batch import Batch
 from repro.methods.base import LOSS_TERMS, LossTerm, Outputs, TermContext

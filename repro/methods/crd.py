@@ -8,10 +8,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.losses.crd import (CONTRAST_MODES, ContrastMemory, EmbedHead, class_size_bounds, nce_contrast_loss,
                               sample_contrast_indices)
-from repro.domains import POSITIVE, POSITIVE_INT, PROBABILITY, one_of
+from repro.core.domains import POSITIVE, POSITIVE_INT, PROBABILITY, one_of
 from repro.data.batch import Batch
 from repro.methods.base import LOSS_TERMS, LossTerm, Outputs, TermContext
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from repro.domains import FINITE, NONNEGATIVE, POSITIVE, POSITIVE_INT, one_of, optional
-from repro.errors import ReproError
+from repro.core.domains import FINITE, NONNEGATIVE, POSITIVE, POSITIVE_INT, one_of, optional
+from repro.core.errors import ReproError
 from repro.losses import dkd_loss, kd_loss
 from repro.losses.ctkd import curriculum_temperature, reversal_strength
 from repro.data.batch import Batch

@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from repro.losses.dist import dist_loss
-from repro.domains import NONNEGATIVE, POSITIVE
+from repro.core.domains import NONNEGATIVE, POSITIVE
 from repro.data.batch import Batch
 from repro.methods.base import LOSS_TERMS, LossTerm, Outputs, TermContext
 

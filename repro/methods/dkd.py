@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.losses.dkd import dkd_loss
-from repro.domains import EPOCHS, NONNEGATIVE, POSITIVE
+from repro.core.domains import EPOCHS, NONNEGATIVE, POSITIVE
 from repro.data.batch import Batch
 from repro.methods.base import LOSS_TERMS, LossTerm, Outputs, TermContext
 

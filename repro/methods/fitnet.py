@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from repro.domains import Domain
-from repro.errors import ReproError
+from repro.core.domains import Domain
+from repro.core.errors import ReproError
 from repro.losses.fitnet import ConvRegressor, hint_loss
 from repro.data.batch import Batch
 from repro.methods.base import LOSS_TERMS, LossTerm, Outputs, TermContext, feature_shapes

@@ -13,8 +13,8 @@ from typing import Optional
 import torch.nn as nn
 from torch import Tensor
 
-from repro.domains import EPOCHS, POSITIVE, optional
-from repro.errors import ReproError
+from repro.core.domains import EPOCHS, POSITIVE, optional
+from repro.core.errors import ReproError
 from repro.losses.fsp import fsp_loss
 from repro.data.batch import Batch
 from repro.methods.base import LOSS_TERMS, InitStage, LossTerm, Outputs, TermContext

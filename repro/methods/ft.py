@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from repro.domains import EPOCHS, POSITIVE, optional
+from repro.core.domains import EPOCHS, POSITIVE, optional
 from repro.losses.ft import Paraphraser, Translator, factor_transfer_loss
 from repro.data.batch import Batch
 from repro.methods.base import LOSS_TERMS, InitStage, LossTerm, Outputs, TermContext

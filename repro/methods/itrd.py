@@ -7,7 +7,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from repro.losses.itrd import itrd_correlation_loss, itrd_mutual_loss
-from repro.domains import FINITE, POSITIVE
+from repro.core.domains import FINITE, POSITIVE
 from repro.data.batch import Batch
 from repro.methods.base import LOSS_TERMS, LossTerm, Outputs, TermContext
 from repro.methods.crd import last_feature_dims

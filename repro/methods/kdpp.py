@@ -17,13 +17,13 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import Tensor
 
-from repro.domains import EPOCHS, NONNEGATIVE, POSITIVE, POSITIVE_INT, optional
-from repro.errors import ReproError
+from repro.core.domains import EPOCHS, NONNEGATIVE, POSITIVE, POSITIVE_INT, optional
+from repro.core.errors import ReproError
 from repro.losses.logit import kd_loss
 from repro.losses.nd import EmbeddingProjector, class_means, nd_loss
 from repro.data.batch import Batch
 from repro.methods.base import LOSS_TERMS, LossTerm, Outputs, TermContext, forward_model
-from repro.ssta.head_importance import preserved_rng
+from repro.methods.head_importance import preserved_rng
 
 
 @LOSS_TERMS.register("kdpp")

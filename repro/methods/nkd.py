@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from repro.domains import NONNEGATIVE, POSITIVE
+from repro.core.domains import NONNEGATIVE, POSITIVE
 from repro.losses.nkd import nkd_loss
 from repro.data.batch import Batch
 from repro.methods.base import LOSS_TERMS, LossTerm, Outputs, TermContext

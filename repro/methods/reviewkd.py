@@ -13,8 +13,8 @@ from typing import Optional
 
 from torch import Tensor
 
-from repro.domains import EPOCHS, POSITIVE_INT, optional
-from repro.errors import ReproError
+from repro.core.domains import EPOCHS, POSITIVE_INT, optional
+from repro.core.errors import ReproError
 from repro.losses.reviewkd import build_fusions, hcl_loss, review_features
 from repro.data.batch import Batch
 from repro.methods.base import LOSS_TERMS, LossTerm, Outputs, TermContext

@@ -1,7 +1,7 @@
 """The probed feature shapes a term with connectors builds them from (``TermContext.*_feat_shapes``)."""
 from __future__ import annotations
 
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.methods.base import TermContext
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch.nn as nn
 from torch import Tensor
 
-from repro.domains import NONNEGATIVE
-from repro.errors import ReproError
+from repro.core.domains import NONNEGATIVE
+from repro.core.errors import ReproError
 from repro.losses.srrl import SRRLConnector, feature_mean_loss, softmax_regression_loss
 from repro.data.batch import Batch
 from repro.methods.base import LOSS_TERMS, LossTerm, Outputs, TermContext

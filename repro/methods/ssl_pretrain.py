@@ -20,11 +20,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from repro.errors import ReproError
-from repro.domains import BOOLEAN, OPEN_UNIT
+from repro.core.errors import ReproError
+from repro.core.domains import BOOLEAN, OPEN_UNIT
 from repro.data.batch import Batch
 from repro.methods.base import LOSS_TERMS, LossTerm, Outputs, TermContext
-from repro.ssta.attention import unwrap_vit
+from repro.methods.attention_readings import unwrap_vit
 
 
 def patchify(images: Tensor, patch: int) -> Tensor:

@@ -6,7 +6,7 @@ teacher, ``A_TA`` one head of the self-supervised teaching assistant and ``A_S``
 * heads and layers: ``teacher_head`` / ``ta_head`` are ``auto`` (default), a head index, or a list of heads
   (their mean map is the target); ``teacher_layer`` / ``ta_layer`` are an index (default -1, the last block)
   or ``auto`` (the best-scoring head over all layers). ``auto`` is resolved once, in this term's constructor,
-  by ``head_rule`` (any ``repro.ssta.head_importance.SELECTION_RULES`` entry: ``importance`` (default, Michel
+  by ``head_rule`` (any ``repro.methods.head_importance.SELECTION_RULES`` entry: ``importance`` (default, Michel
   et al. 2019), ``entropy``, ``fixed``, ``all``, ``random``; extra rule options in ``head_options``) over
   ``head_batches`` training batches (``ctx.sample_batches``: the run's own augmented, mixed batches, whose soft
   targets the cross-entropy importance uses). Importance is Michel et al.'s mean over examples of
@@ -31,7 +31,7 @@ teacher, ``A_TA`` one head of the self-supervised teaching assistant and ``A_S``
   ``stop_epoch_of: N`` the stop epochs are the paper's "stop_epoch of N" and scale to the run's epochs
   (``max(1, round(stop_epoch * epochs / N))``), so one spec cell means the same at every tier.
 The spec weights this term as a whole (``ssta_attn: {weight: 1, beta: 1, lam: 1}``) next to ``ce``.
-``reading`` (XCiT, ssta.md 8.3; ``repro.ssta.attention.READINGS``): which attention is distilled, the same for
+``reading`` (XCiT, ssta.md 8.3; ``repro.methods.attention_readings.READINGS``): which attention is distilled, the same for
 student, teacher and TA: ``auto`` (default: the student family's own, ``token`` for ViTs, ``class_attention`` for
 XCiT), ``xca`` (XCA channel maps; equal head dimensions only), ``class_attention`` (the CLS -> token row of a
 class-attention block) or ``xca_tokens`` (a token map from an XCA block's q and k); layers count within the reading.
@@ -63,13 +63,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from repro.domains import (BOOLEAN, NONNEGATIVE, POSITIVE, POSITIVE_EPOCHS, POSITIVE_INT, one_of, optional,
+from repro.core.domains import (BOOLEAN, NONNEGATIVE, POSITIVE, POSITIVE_EPOCHS, POSITIVE_INT, one_of, optional,
                             or_values)
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.data.batch import Batch
 from repro.methods.base import LOSS_TERMS, LossTerm, Outputs, TermContext
-from repro.ssta.attention import READINGS, AttentionCapture, attention_kl, resolve_reading
-from repro.ssta.head_importance import (
+from repro.methods.attention_readings import READINGS, AttentionCapture, attention_kl, resolve_reading
+from repro.methods.head_importance import (
     SELECTION_RULES,
     HeadSelection,
     load_linear_probe,

@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from repro.domains import POSITIVE
-from repro.errors import ReproError
+from repro.core.domains import POSITIVE
+from repro.core.errors import ReproError
 from repro.losses.vid import VID_EPS, VID_INIT_PRED_VAR, VIDRegressor
 from repro.data.batch import Batch
 from repro.methods.base import LOSS_TERMS, LossTerm, Outputs, TermContext, feature_shapes

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch.nn as nn
 from torch import Tensor
 
-from repro.domains import NONNEGATIVE, OPEN_UNIT, POSITIVE_INT
-from repro.errors import ReproError
+from repro.core.domains import NONNEGATIVE, OPEN_UNIT, POSITIVE_INT
+from repro.core.errors import ReproError
 from repro.losses.vitkd import TokenGenerator, random_token_mask, vitkd_generation_loss, vitkd_mimic_loss
 from repro.data.batch import Batch
 from repro.methods.base import LOSS_TERMS, LossTerm, Outputs, TermContext

@@ -15,9 +15,9 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.losses import wttm_loss, wttm_weight
-from repro.domains import BOOLEAN, POSITIVE, POSITIVE_INT, optional
+from repro.core.domains import BOOLEAN, POSITIVE, POSITIVE_INT, optional
 from repro.data.batch import Batch
 from repro.methods.base import LOSS_TERMS, LossTerm, Outputs, TermContext
 

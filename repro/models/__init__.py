@@ -2,7 +2,7 @@
 
 Model families register factories in ``MODELS`` (``@register_model("resnet20")``). A factory takes
 ``num_classes`` plus keyword arguments and returns an ``nn.Module``. The registry imports every module of this
-package before its first lookup (``repro.registry``), so a new family is one new file here: no list to edit.
+package before its first lookup (``repro.core.registry``), so a new family is one new file here: no list to edit.
 
 Feature contract (used by feature-based methods such as CRD and ITRD, never by per-model code):
 ``model(x, is_feat=True, preact=False)`` returns ``(features, logits)`` where ``features`` is a list of stage
@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
-from repro.registry import Registry
+from repro.core.registry import Registry
 
 ModelFactory = Callable[..., nn.Module]
 MODELS: Registry[ModelFactory] = Registry("model", package=__name__)

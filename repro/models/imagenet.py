@@ -35,7 +35,7 @@ from torch import Tensor
 from torchvision.models import resnet as tv_resnet
 from torchvision.models._api import WeightsEnum
 
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.models import MODELS, register_model
 from repro.models.vit import build_timm_vit
 from repro.models.weights import (check_weight_args, fit_state_dict, load_checkpoint, strip_prefixes,

@@ -19,7 +19,7 @@ import torch.nn as nn
 from timm.models.regnet import RegNet, RegNetCfg
 from torch import Tensor
 
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.models import register_model
 from repro.models.weights import check_weight_args, load_checkpoint, timm_pretrained
 

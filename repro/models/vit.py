@@ -27,7 +27,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor
 
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.models import register_model
 from repro.models.weights import check_weight_args, load_checkpoint, timm_pretrained
 

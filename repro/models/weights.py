@@ -38,7 +38,7 @@ from torch import Tensor
 
 from repro.core.io import (STATE_DICT_CONTAINERS, read_checkpoint, sha256_file, strip_prefixes,
                            unwrap_state_dict)
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 
 # RepDistiller/WTTM/mdistiller: torch.save({'model': state_dict, 'epoch': ...}), or a bare state dict.
 REPDISTILLER_CONTAINERS: tuple[str, ...] = ("model",)

@@ -26,7 +26,7 @@ import torch.nn as nn
 from timm.models.xcit import Xcit
 from timm.models.xcit import checkpoint_filter_fn as xcit_filter_fn
 
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 from repro.models import register_model
 from repro.models.vit import TimmViT
 from repro.models.weights import check_weight_args, load_checkpoint, timm_pretrained

@@ -1,5 +1,5 @@
 """Papers: each is one folder ``<root>/<paper>/`` holding ``specs/*.yaml`` (its tables and figure runs) and,
-optionally, ``figures.py`` (its figure definitions, registered with ``repro.render.figure_steps.figure``).
+optionally, ``figures.py`` (its figure definitions, registered with ``repro.harness.render.figure_steps.figure``).
 
 The roots are this package's folder, then every folder of ``$REPRO_PAPERS`` (``os.pathsep``-separated), so a new
 paper can live outside the tree and is found with no generic module touched. A spec's id is
@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from repro.errors import ReproError
+from repro.core.errors import ReproError
 
 BUILTIN_ROOT = Path(__file__).parent
 ENV = "REPRO_PAPERS"  # extra paper roots, os.pathsep-separated

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from repro.analyses.spec_models import AnalysisModel, analysis_models, evaluate_analysis_model
-from repro.errors import ReproError
-from repro.render.figure_steps import FigureContext, figure
+from repro.core.errors import ReproError
+from repro.harness.render.figure_steps import FigureContext, figure
 
 TRANSFER_SPEC = "ssta/transfer"
 # Where the SSTA analysis models (teacher, TA, students) come from: the first of these specs that exists.
@@ -18,8 +18,8 @@ ANALYSIS_SPECS = ("ssta/imagenet-main", "ssta/transfer")
 @figure("transfer")
 def transfer_step(ctx: FigureContext) -> list[Path]:
     """SSTA transfer: CIFAR-10/100 fine-tuning accuracy of teacher, TA and students (spec ssta/transfer)."""
-    from repro.compare import compare_plan
-    from repro.render.figures import TRANSFER_FIGURE, gather_transfer, plot_transfer
+    from repro.harness.compare import compare_plan
+    from repro.harness.render.figures import TRANSFER_FIGURE, gather_transfer, plot_transfer
 
     plan = ctx.plan(TRANSFER_SPEC)
     names = {key: plan.spec.model_def(key).arch or key for key in plan.spec.models}
@@ -47,7 +47,7 @@ def top10_pair(models: Sequence[AnalysisModel]) -> Optional[tuple[AnalysisModel,
 def analysis_spec_id(ctx: FigureContext) -> str:
     """``--analysis-spec``, else the first of ANALYSIS_SPECS that exists and loads (a spec being written may not
     load yet: the next one stands in, and the console says so)."""
-    from repro.spec import all_spec_ids, load_spec
+    from repro.harness.spec import all_spec_ids, load_spec
 
     if ctx.args.analysis_spec:
         return ctx.args.analysis_spec
@@ -67,8 +67,8 @@ def analysis_spec_id(ctx: FigureContext) -> str:
 @figure("ssta-analyses")
 def ssta_analyses_step(ctx: FigureContext) -> list[Path]:
     """Shape bias, ImageNet-C and top-10 of the SSTA models (teacher, TA, students of the analysis spec)."""
-    from repro.render.analysis_plots import plot_imagenet_c, plot_shape_bias, plot_top10
-    from repro.render.figures import (
+    from repro.harness.render.analysis_plots import plot_imagenet_c, plot_shape_bias, plot_top10
+    from repro.harness.render.figures import (
         IMAGENET_C_FIGURE,
         SHAPE_BIAS_FIGURE,
         TOP10_FIGURE,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from repro.render.figure_steps import FigureContext, figure
+from repro.harness.render.figure_steps import FigureContext, figure
 
 FIGURE1_SPEC = "wttm/figure1-entropy"
 ENTROPY_FIGURE = "entropy-wttm-figure1.png"
@@ -13,7 +13,7 @@ ENTROPY_FIGURE = "entropy-wttm-figure1.png"
 @figure("entropy")
 def entropy_step(ctx: FigureContext) -> list[Path]:
     """WTTM Figure 1 from the entropy logged by the runs of spec wttm/figure1-entropy."""
-    from repro.render.figures import gather_entropy_curves, plot_entropy_curves
+    from repro.harness.render.figures import gather_entropy_curves, plot_entropy_curves
 
     plan = ctx.plan(FIGURE1_SPEC)
     curves = gather_entropy_curves(plan, ctx.store)

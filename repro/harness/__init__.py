@@ -1,0 +1,1 @@
+"""spec -> plan -> execute -> store -> compare -> render: everything that knows about specs and runs."""
