@@ -2,6 +2,7 @@
 before the first lookup, and the modules register themselves with the decorator."""
 from __future__ import annotations
 
+import importlib
 import sys
 
 import pytest
@@ -19,7 +20,9 @@ def plugin_package(tmp_path, monkeypatch):
     for name in ("alpha", "beta"):
         (package / f"{name}.py").write_text(f"from plugins_demo import REG\n\n@REG.register('{name}')\ndef make():\n"
                                             f"    return '{name}'\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    # sys.path by hand: syspath_prepend also calls pkg_resources, which a test sharing this worker may have stubbed
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    importlib.invalidate_caches()
     yield
     for module in [m for m in sys.modules if m == "plugins_demo" or m.startswith("plugins_demo.")]:
         del sys.modules[module]
