@@ -18,6 +18,7 @@ its bookkeeping is ``repro.harness.execute.RunStates``, the same state machine t
 its run's lock before training (``repro.harness.execute.run_claimed``): several drivers, or a driver and a plain
 ``repro run``, on the same store never train a run twice.
 """
+# Longer than ~400 lines on purpose: the executors share one scheduler over RunStates; the worker pool (about 120 lines) is the part to split next.
 from __future__ import annotations
 
 import argparse

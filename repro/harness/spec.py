@@ -4,6 +4,7 @@ A spec reads like the paper table: a recipe (with per-tier overrides), the metho
 and the cells (teacher, student, method, hyperparameters, reported value with its provenance). Unknown keys are
 refused everywhere, so a typo is an error naming the key, never a silently ignored setting.
 """
+# Longer than ~400 lines on purpose: the schema is one pydantic tree whose validators refer to each other; split, a rule would sit apart from the fields it checks.
 from __future__ import annotations
 
 import copy

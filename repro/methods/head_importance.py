@@ -23,6 +23,7 @@ file keyed by the model's fingerprint (weights or checkpoint hash) and the rule'
 Labels may be hard (int64 [B]) or soft (float [B, K], e.g. mixup/cutmix targets): cross-entropy takes both.
 ``preserved_rng`` lets a caller draw training batches for the selection without moving any global RNG.
 """
+# Longer than ~400 lines on purpose: one algorithm (gradient head importance, its probe and its cache) whose [INFERRED] choices are documented in one place.
 from __future__ import annotations
 
 import hashlib

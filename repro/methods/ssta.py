@@ -49,6 +49,7 @@ Distiller's teacher forward would give logits, which this term does not use.
 tau normalised by ``numel`` as DeiT does (ssta.md 8.7). DeiT's ``(1 - alpha) * CE + alpha * KD`` is spec weights,
 e.g. ``{ce: 0.5, deit_hard: 0.5}``; the cls-head logits go to CE (see ``repro/models/vit.py``).
 """
+# Longer than ~400 lines on purpose: two terms (ssta_attn, deit_hard) and the parsing of SSTA's inferred choices they share; apart, each choice's validation would sit away from its use.
 from __future__ import annotations
 
 import hashlib

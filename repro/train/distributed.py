@@ -12,6 +12,7 @@ computes, up to float reduction order.
 ``torchrun --nproc-per-node N -m repro run ...`` works too); every rank then executes the plan, rank 0 decides which
 run comes next and is the only one that writes.
 """
+# Longer than ~400 lines on purpose: the whole multi-process contract (torchrun re-launch, process group, rank-0 writes, global-batch checks) read as one.
 from __future__ import annotations
 
 import atexit

@@ -9,6 +9,7 @@ SyncBatchNorm by default; evaluation is split across ranks and summed, so every 
 rank 0 writes checkpoints and results; checkpoints hold plain (unwrapped) state dicts, so a run resumes at any
 world size.
 """
+# Longer than ~400 lines on purpose: the Trainer's state (model, terms, optimizer, RNGs, init stage) is what exact resume checkpoints; its loop, evaluation and resume are read and tested as one unit.
 from __future__ import annotations
 
 import random
