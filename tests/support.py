@@ -38,3 +38,22 @@ def silence_heads(model: nn.Module, keep: dict[int, int]) -> None:
             for head in range(attn.num_heads):
                 if keep.get(layer, -1) != head:
                     attn.proj.weight[:, head * attn.head_dim:(head + 1) * attn.head_dim] = 0
+
+
+def non_finite_term(at_step: int, value: float) -> type:
+    """A loss term (no teacher) that is 0 with a gradient path every step except ``at_step`` (1-based), where it is
+    ``value`` (nan or inf): how the tests make a run fail mid-epoch."""
+    from repro.methods.base import LossTerm
+
+    class NonFiniteAt(LossTerm):
+        needs_teacher = False
+
+        def __init__(self, ctx, **params):
+            super().__init__(ctx, **params)
+            self.calls = 0
+
+        def forward(self, out, batch):
+            self.calls += 1
+            return out.logits.float().mean() * 0 + (value if self.calls == at_step else 0.0)
+
+    return NonFiniteAt

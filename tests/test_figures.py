@@ -34,9 +34,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def drawn(monkeypatch):
     """Titles and axis labels of every figure saved through repro.harness.render.figures (the text a reader sees)."""
     seen: list[dict] = []
-    original = figures._save
+    original = figures.save_stamped
 
-    def spy(figure, path, stamp):
+    def spy(figure, path, stamp, **corner):
         seen.append({
             "suptitle": figure._suptitle.get_text() if figure._suptitle else "",
             "titles": [ax.get_title() for ax in figure.axes],
@@ -44,9 +44,9 @@ def drawn(monkeypatch):
             "ylabels": [ax.get_ylabel() for ax in figure.axes],
             "stamp": stamp,
         })
-        return original(figure, path, stamp)
+        return original(figure, path, stamp, **corner)
 
-    monkeypatch.setattr(figures, "_save", spy)
+    monkeypatch.setattr(figures, "save_stamped", spy)
     return seen
 
 

@@ -23,6 +23,7 @@ from repro.methods.attention_readings import AttentionCapture
 from repro.harness.store import RunStore
 from repro.train.loop import Resolved, Trainer, evaluate
 from tests.conftest import TINY_SPEC
+from tests.support import non_finite_term
 
 READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
 
@@ -88,21 +89,10 @@ def test_an_epoch_reads_the_device_a_constant_number_of_times(workdirs, monkeypa
 
 
 def test_a_non_finite_step_is_still_reported_with_its_epoch_step_and_values(workdirs, monkeypatch):
-    from repro.methods.base import LOSS_TERMS, LossTerm
+    from repro.methods.base import LOSS_TERMS
     from repro.train.loop import RunFailed
 
-    class NanAtStep3(LossTerm):
-        needs_teacher = False
-
-        def __init__(self, ctx, **params):
-            super().__init__(ctx, **params)
-            self.calls = 0
-
-        def forward(self, out, batch):
-            self.calls += 1
-            return out.logits.float().mean() * 0 + (float("inf") if self.calls == 3 else 0.0)
-
-    monkeypatch.setitem(LOSS_TERMS._entries, "test_inf_at_step_3", NanAtStep3)
+    monkeypatch.setitem(LOSS_TERMS._entries, "test_inf_at_step_3", non_finite_term(at_step=3, value=float("inf")))
     trainer = _trainer(workdirs, 4, {"ce": {"weight": 1.0}, "test_inf_at_step_3": {"weight": 1.0}})
     trainer.scheduler.step(0)
     with pytest.raises(RunFailed) as failure:

@@ -15,11 +15,12 @@ import pytest
 import torch
 
 from repro.cli import main
-from repro.methods.base import LOSS_TERMS, LossTerm
+from repro.methods.base import LOSS_TERMS
 from repro.harness.plan import make_plan
 from repro.harness.spec import load_spec
 from repro.harness.store import RunStore
 from tests.conftest import TESTS, TINY_SPEC
+from tests.support import non_finite_term
 
 RESUME_SPEC = str(TESTS / "specs" / "tiny_resume.yaml")
 QUIET = ["--no-progress", "--no-estimate"]
@@ -79,18 +80,7 @@ def test_report_renders_every_cell_with_verdicts(workdirs, monkeypatch):
     assert frame.loc[frame.method == "FitNet", "verdict"].item() == "reported only"
 
 
-@LOSS_TERMS.register("test_nan_at_step_2")
-class NanAtStep2(LossTerm):
-    needs_teacher = False
-
-    def __init__(self, ctx, **params):
-        super().__init__(ctx, **params)
-        self.calls = 0
-
-    def forward(self, out, batch):
-        self.calls += 1
-        value = out.logits.float().mean() * 0
-        return value + (float("nan") if self.calls == 2 else 0.0)
+LOSS_TERMS.register("test_nan_at_step_2")(non_finite_term(at_step=2, value=float("nan")))
 
 
 def test_non_finite_loss_fails_the_run_and_the_table_says_failed(workdirs, tmp_path, capsys):

@@ -26,8 +26,11 @@ def _new_figure(width: float, height: float, ncols: int = 1) -> tuple[Figure, li
     return figure, list(axes)
 
 
-def _save(figure: Figure, path: str | Path, stamp: str) -> Path:
-    figure.text(0.005, 0.995, stamp, ha="left", va="top", fontsize=7, color="0.4")
+def save_stamped(figure: Figure, path: str | Path, stamp: str, corner: str = "bottom right") -> Path:
+    """Write ``figure`` as a 150-dpi file with its stamp (what produced it) in small grey type in one corner."""
+    vertical, horizontal = corner.split()
+    figure.text(0.995 if horizontal == "right" else 0.005, 0.995 if vertical == "top" else 0.005, stamp,
+                ha=horizontal, va=vertical, fontsize=7, color="0.4")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=150)
@@ -82,7 +85,7 @@ def plot_shape_bias(
     top.set_xlabel("Fraction of 'texture' decisions")
     ax.set_title(title)
     figure.legend(loc="outside lower center", ncols=2, fontsize=8)
-    return _save(figure, path, stamp)
+    return save_stamped(figure, path, stamp, corner="top left")
 
 
 def plot_imagenet_c(
@@ -125,7 +128,7 @@ def plot_imagenet_c(
     ax.set_ylabel(metric)
     ax.set_title(title)
     figure.legend(loc="outside lower center", ncols=min(len(results), 4), fontsize=8)
-    return _save(figure, path, stamp)
+    return save_stamped(figure, path, stamp, corner="top left")
 
 
 def plot_top10(
@@ -158,4 +161,4 @@ def plot_top10(
     handles, names = axes[0].get_legend_handles_labels()
     figure.legend(handles, names, loc="outside lower center", ncols=len(models), fontsize=8)
     figure.suptitle(title)
-    return _save(figure, path, stamp)
+    return save_stamped(figure, path, stamp, corner="top left")

@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from repro.harness.compare import CellResult
 from repro.harness.plan import Plan
 from repro.core.env import git_commit
-from repro.harness.render.analysis_plots import MARKERS
+from repro.harness.render.analysis_plots import MARKERS, save_stamped
 from repro.harness.store import RunStore
 
 # What each figure file is called: the name says what it shows.
@@ -52,14 +52,6 @@ def _wrapped(title: str, figure: Figure) -> str:
     """The title folded to the figure's width (about 9 characters per inch at the default title size)."""
     width = max(30, int(9 * figure.get_figwidth()))
     return "\n".join(textwrap.fill(line, width) for line in title.split("\n"))
-
-
-def _save(figure: Figure, path: str | Path, stamp: str) -> Path:
-    figure.text(0.995, 0.005, stamp, ha="right", va="bottom", fontsize=7, color="0.4")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=150)
-    return path
 
 
 def _number(value: Any) -> float:
@@ -110,7 +102,7 @@ def plot_reported_vs_reproduced(frame: pd.DataFrame, path: str | Path, stamp: st
                 ha="center", va="center", fontsize=9, color="0.3")
     ax.text(0.99, 0.01, note, transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color="0.3")
     figure.legend(loc="outside right upper", fontsize=7)
-    return _save(figure, path, stamp)
+    return save_stamped(figure, path, stamp)
 
 
 # --------------------------------------------------------------------------------------------- entropy curves
@@ -164,7 +156,7 @@ def plot_entropy_curves(curves: Mapping[str, Mapping[str, Sequence[tuple[int, fl
     if handles:
         figure.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=8)
     figure.suptitle(_wrapped(title, figure))
-    return _save(figure, path, stamp)
+    return save_stamped(figure, path, stamp)
 
 
 # --------------------------------------------------------------------------------------------- transfer
@@ -217,7 +209,7 @@ def plot_transfer(frame: pd.DataFrame, path: str | Path, stamp: str,
     ax.set_title(_wrapped(title, figure))
     if datasets:
         figure.legend(loc="outside right upper", fontsize=8)
-    return _save(figure, path, stamp)
+    return save_stamped(figure, path, stamp)
 
 
 # --------------------------------------------------------------------------------------------- analyses
