@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from repro.core.io import (STATE_DICT_CONTAINERS, atomic_torch_save, atomic_write, atomic_write_bytes,
-                           atomic_write_json, file_digests, is_state_dict, read_checkpoint, sha256_bytes, sha256_file,
+                           atomic_write_json, file_digests, is_state_dict, publish_folder, read_checkpoint, sha256_bytes, sha256_file,
                            strip_prefixes, unwrap_state_dict)
 from repro.core.errors import ReproError
 from repro.models.weights import REPDISTILLER_CONTAINERS, load_checkpoint
@@ -79,6 +79,31 @@ def test_written_files_are_shared_complete_and_in_the_store_format(tmp_path: Pat
     assert path.stat().st_mode & 0o777 == 0o644
     atomic_torch_save(tmp_path / "w.pt", {"w": torch.arange(3)})
     assert torch.equal(torch.load(tmp_path / "w.pt", weights_only=True)["w"], torch.arange(3))
+
+
+def test_a_published_folder_appears_whole_or_not_at_all(tmp_path: Path) -> None:
+    target = tmp_path / "smoke" / "images"
+
+    def build(folder: Path) -> None:
+        (folder / "train").mkdir()
+        (folder / "train" / "a.txt").write_text("a")
+        assert not target.exists()  # nobody sees the folder while it is being filled
+        # A second builder racing this one publishes first; ours is discarded, theirs kept.
+        publish_folder(target, lambda other: (other / "train").mkdir() or (other / "train" / "a.txt").write_text("b"))
+
+    assert publish_folder(target, build) == target
+    assert (target / "train" / "a.txt").read_text() == "b"
+    assert target.stat().st_mode & 0o777 == 0o755
+    publish_folder(target, lambda folder: pytest.fail("an existing folder is rebuilt"))
+
+    def fails(folder: Path) -> None:
+        (folder / "half").write_text("x")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        publish_folder(tmp_path / "other", fails)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smoke"]  # no partial folder left behind
+    assert sorted(p.name for p in (tmp_path / "smoke").iterdir()) == ["images"]
 
 
 # ---------------------------------------------------------------------------------------------------- hashes

@@ -112,6 +112,34 @@ def test_ensure_refuses_to_overwrite_real_looking_data(synthetic100: Path) -> No
         ensure_synthetic_cifar(synthetic100, **{**SMALL, "seed": 9})
 
 
+def test_a_concurrent_writer_never_takes_half_written_synthetic_data_for_real_data(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two smoke workers starting together: the second looks while the first has written only some files.
+
+    It must see the manifest (written first), write the files itself and read the same bytes; before the manifest
+    came first it refused the folder as real data (CI, test_two_repro_runs_on_one_spec_train_every_run_exactly_once).
+    """
+    import repro.data.synthetic as synthetic
+
+    real_write = synthetic.atomic_write_bytes
+    seen: list[int] = []
+
+    def write_then_let_the_other_worker_look(path: Path, data: bytes) -> None:
+        real_write(path, data)
+        if Path(path).name != SYNTHETIC_MANIFEST and not seen:
+            seen.append(1)
+            ensure_synthetic_cifar(tmp_path, **SMALL)  # the second worker, mid-way through the first one's write
+
+    monkeypatch.setattr(synthetic, "atomic_write_bytes", write_then_let_the_other_worker_look)
+    ensure_synthetic_cifar(tmp_path, **SMALL)
+    assert seen
+    monkeypatch.undo()
+    reference = tmp_path / "reference"
+    write_synthetic_cifar(reference, **SMALL)
+    for split in ("train", "test"):
+        assert torch.equal(read_synthetic_cifar(tmp_path, split).images, read_synthetic_cifar(reference, split).images)
+
+
 def test_manifest_pins_the_synthetic_files(synthetic100: Path) -> None:
     folder = synthetic100 / "cifar-100-python"
     data = (folder / "test").read_bytes()

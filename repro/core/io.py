@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Collection, Mapping
 from pathlib import Path
@@ -94,6 +95,33 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 def atomic_torch_save(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def publish_folder(target: str | os.PathLike[str], build: Callable[[Path], None]) -> Path:
+    """Create the folder ``target`` whole or not at all: ``build(tmp)`` fills a private sibling folder, which is
+    then renamed to ``target``. Concurrent builders (parallel workers starting on the same smoke data) never see
+    a half-written folder: the first rename wins and the others discard their copy. An existing ``target`` is
+    returned untouched; a failing ``build`` leaves nothing behind.
+    """
+    target = Path(target)
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
+    try:
+        build(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700; data is meant to be shared
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+            # Another builder published first: keep theirs (same arguments, same bytes).
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    _fsync_dir(target.parent)
+    return target
 
 
 # ---------------------------------------------------------------------------------------------------- hashes

@@ -96,10 +96,13 @@ def _folder_pipeline(name: str) -> PipelineFactory:
 
         root = data_root(recipe)
         if recipe.data.synthetic is not None:
+            from repro.core.io import publish_folder
             from repro.data.imagefolder import write_synthetic_imagefolder
 
+            publish_folder(root, lambda folder: write_synthetic_imagefolder(folder, **recipe.data.synthetic))
             if not (root / "train").is_dir():
-                write_synthetic_imagefolder(root, **recipe.data.synthetic)
+                raise ReproError(f"{root} exists but holds no train/ folder, so it is not the smoke data repro "
+                                 f"writes; remove it or give data.root another folder")
         if recipe.data.name not in FOLDER_DATASETS:
             raise ReproError(f"pipeline {name!r} reads an image folder; data.name {recipe.data.name!r} is not "
                              f"one of {', '.join(FOLDER_DATASETS)}")

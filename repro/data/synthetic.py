@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from repro.core.io import atomic_write_bytes, sha256_file
+from repro.core.io import atomic_write_bytes, sha256_bytes, sha256_file
 from repro.data import DATASETS, ImageTensorDataset
 from repro.data.cifar import SYNTHETIC_MANIFEST, get_layout, read_cifar
 from repro.core.errors import ReproError
@@ -163,15 +163,17 @@ def write_synthetic_cifar(root: str | Path, *, num_classes: int = 100, classes_u
     rng = np.random.default_rng(seed)
     label_ids = classes_with_images(num_classes, classes_used)
     splits = _generate(rng, label_ids, train_per_class, test_per_class)
-    hashes = {}
-    for name, entry in _file_entries(variant, splits, num_classes).items():
-        # Concurrent writers write identical bytes; each file appears whole or not at all.
-        atomic_write_bytes(folder / name, pickle.dumps(entry, protocol=2))
-        hashes[name] = sha256_file(folder / name)
+    files = {name: pickle.dumps(entry, protocol=2)
+             for name, entry in _file_entries(variant, splits, num_classes).items()}
     manifest = {"generator": "repro.data.synthetic",
                 "args": _generator_args(num_classes, classes_used, train_per_class, test_per_class, seed, variant),
-                "classes_with_images": label_ids, "files": hashes}
+                "classes_with_images": label_ids, "files": {name: sha256_bytes(data) for name, data in files.items()}}
+    # The manifest goes first: a concurrent writer that finds CIFAR files must also find the manifest, or it
+    # would take them for the real data. Until every file matches its hash, readers (ensure_synthetic_cifar)
+    # write the files themselves; concurrent writers write identical bytes, each file whole or not at all.
     atomic_write_bytes(folder / SYNTHETIC_MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    for name, data in files.items():
+        atomic_write_bytes(folder / name, data)
     return folder
 
 
