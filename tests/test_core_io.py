@@ -104,6 +104,10 @@ def test_a_published_folder_appears_whole_or_not_at_all(tmp_path: Path) -> None:
         publish_folder(tmp_path / "other", fails)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["smoke"]  # no partial folder left behind
     assert sorted(p.name for p in (tmp_path / "smoke").iterdir()) == ["images"]
+    empty = tmp_path / "made-by-hand"
+    empty.mkdir()
+    publish_folder(empty, lambda folder: (folder / "train").mkdir())
+    assert (empty / "train").is_dir()  # an empty folder a user made is filled, as before
 
 
 # ---------------------------------------------------------------------------------------------------- hashes

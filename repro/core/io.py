@@ -100,11 +100,12 @@ def atomic_torch_save(path: str | os.PathLike[str], obj: Any) -> None:
 def publish_folder(target: str | os.PathLike[str], build: Callable[[Path], None]) -> Path:
     """Create the folder ``target`` whole or not at all: ``build(tmp)`` fills a private sibling folder, which is
     then renamed to ``target``. Concurrent builders (parallel workers starting on the same smoke data) never see
-    a half-written folder: the first rename wins and the others discard their copy. An existing ``target`` is
-    returned untouched; a failing ``build`` leaves nothing behind.
+    a half-written folder: the first rename wins and the others discard their copy. An existing non-empty
+    ``target`` is returned untouched; an empty one is filled (the rename replaces it); a failing ``build`` leaves
+    nothing behind.
     """
     target = Path(target)
-    if target.is_dir():
+    if target.is_dir() and any(target.iterdir()):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
