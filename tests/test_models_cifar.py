@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from repro.models import MODELS, count_parameters, create_model, model_names
 from repro.models.cifar import CifarNet
@@ -456,3 +457,47 @@ def test_unknown_model_name_is_a_repro_error() -> None:
 
     with pytest.raises(ReproError, match="resnet57"):
         create_model("resnet57")
+
+
+# RepDistiller's fixed final pooling windows at 32x32 inputs, as the original modules compute them.
+REPDISTILLER_FINAL_POOL = {
+    "resnet": lambda x: nn.AvgPool2d(8)(x),
+    "wrn": lambda x: F.avg_pool2d(x, 8),
+    "ShuffleV": lambda x: F.avg_pool2d(x, 4),
+    "MobileNetV2": lambda x: nn.AvgPool2d(32 // 16, ceil_mode=True)(x),
+    "mobile_half": lambda x: nn.AvgPool2d(32 // 16, ceil_mode=True)(x),
+}
+
+
+@pytest.mark.parametrize("name", [n for n in ZOO if not n.startswith(("vgg", "ResNet"))])
+def test_the_global_pool_is_bitwise_repdistillers_fixed_window_at_32px(name: str, monkeypatch) -> None:
+    # The zoo pools the whole final map (so 16x16 smoke inputs work); at 32x32 that must be the very numbers
+    # RepDistiller's fixed windows give, not merely close ones: every output and feature compared with torch.equal.
+    import repro.models.cifar.resnet as resnet_module
+
+    model = fill_deterministic(create_model(name, num_classes=100)).eval()
+    with torch.no_grad():
+        feats, logits = model(probe_input(), is_feat=True)
+    reference = next(pool for prefix, pool in REPDISTILLER_FINAL_POOL.items() if name.startswith(prefix))
+    seen = []
+
+    def fixed_window(x: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(x.shape[-2:]))
+        return reference(x)
+
+    for module in ("resnet", "wrn", "shufflenetv1", "shufflenetv2"):
+        monkeypatch.setattr(f"repro.models.cifar.{module}.global_avg_pool", fixed_window)
+    monkeypatch.setattr(resnet_module.GlobalAvgPool2d, "forward", lambda self, x: fixed_window(x))
+    with torch.no_grad():
+        ref_feats, ref_logits = model(probe_input(), is_feat=True)
+    assert seen, "the reference pool was not called: the test patches the wrong function"
+    assert torch.equal(logits, ref_logits)
+    assert all(torch.equal(a, b) for a, b in zip(feats, ref_feats))
+
+
+@pytest.mark.parametrize("name", [n for n in ZOO if not n.startswith("ResNet")])
+def test_every_cifar_student_runs_on_16px_inputs(name: str) -> None:
+    # The smoke tier trains at 16x16 (a quarter of the compute): each final map is pooled to 1x1.
+    model = create_model(name, num_classes=10).train()
+    feats, logits = model(torch.randn(2, 3, 16, 16), is_feat=True)
+    assert logits.shape == (2, 10) and feats[-1].shape[0] == 2

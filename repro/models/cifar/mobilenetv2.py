@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from repro.models import register_model
-from repro.models.cifar.resnet import CifarNet
+from repro.models.cifar.resnet import CifarNet, GlobalAvgPool2d
 
 # (expansion t, output channels c, repeats n, first stride s) per stage; "T" stands for the expansion argument.
 _STAGES: list[tuple[str | int, int, int, int]] = [
@@ -79,8 +79,9 @@ class MobileNetV2(CifarNet):
         last_channel = int(1280 * width_mult) if width_mult > 1.0 else 1280
         self.conv2 = conv_bn_relu(channels, last_channel, 1, stride=1)
         self.classifier = nn.Sequential(nn.Linear(last_channel, num_classes))
-        # The network downsamples by 16 in total, so this window pools the final map to 1x1.
-        self.avgpool = nn.AvgPool2d(input_size // 16, ceil_mode=True)
+        # The network downsamples by 16 in total; RepDistiller's AvgPool2d(input_size // 16, ceil_mode=True) is
+        # then the whole final map, which is what this pools (at any input size).
+        self.avgpool = GlobalAvgPool2d()
         stage_channels = [int(c * width_mult) for _, c, _, _ in _STAGES]
         self._feature_dims = [int(32 * width_mult)] + [stage_channels[i] for i in (1, 2, 4, 6)] + [last_channel]
         self.init_like_repdistiller(linear_std=0.01)

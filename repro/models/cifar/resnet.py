@@ -2,7 +2,7 @@
 
 Layout (and therefore state-dict keys) follows RepDistiller's ``models/resnet.py``: a 3x3 stem
 (``conv1``/``bn1``), three stages ``layer1..3`` of basic blocks (``convK``/``bnK``, projection shortcut
-``downsample.0/1`` where the shape changes), an 8x8 average pool and ``fc``.
+``downsample.0/1`` where the shape changes), a global average pool (RepDistiller's 8x8 window) and ``fc``.
 
 This module also holds the two pieces every CIFAR family shares: ``CifarNet`` (the feature contract of
 ``repro.models``) and ``Stage`` (a block sequence that can also hand back its last block's pre-activation).
@@ -62,6 +62,21 @@ class CifarNet(nn.Module):
         feats = self.forward_features(x, preact)
         logits = self.get_classifier()(feats[-1])
         return (feats, logits) if is_feat else logits
+
+
+def global_avg_pool(x: Tensor) -> Tensor:
+    """Average over the whole final map: RepDistiller's fixed windows (8 for ResNet/WRN, 4 for the ShuffleNets,
+    input_size // 16 for MobileNetV2) are exactly the whole map at 32x32 inputs, where this is bitwise the same
+    kernel call (tests/test_models_cifar.py); unlike them it also pools a 16x16 input's smaller map to 1x1 (the
+    smoke tier's inputs) instead of failing."""
+    return F.avg_pool2d(x, kernel_size=tuple(x.shape[-2:]))
+
+
+class GlobalAvgPool2d(nn.Module):
+    """``global_avg_pool`` as a module (no parameters: the state-dict keys are unchanged)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return global_avg_pool(x)
 
 
 class Stage(nn.Sequential):
@@ -124,7 +139,7 @@ class CifarResNet(CifarNet):
         self.layer1 = self._make_stage(widths[0], widths[1], blocks_per_stage, stride=1)
         self.layer2 = self._make_stage(widths[1], widths[2], blocks_per_stage, stride=2)
         self.layer3 = self._make_stage(widths[2], widths[3], blocks_per_stage, stride=2)
-        self.avgpool = nn.AvgPool2d(8)  # fixed 8x8 window, as RepDistiller (32x32 inputs -> 1x1)
+        self.avgpool = GlobalAvgPool2d()  # RepDistiller's AvgPool2d(8): the whole 8x8 map of a 32x32 input
         self.fc = nn.Linear(widths[3], num_classes)
         self._feature_dims = [widths[0], widths[1], widths[2], widths[3], widths[3]]
         init_conv_kaiming_fan_out(self)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from repro.models import register_model
-from repro.models.cifar.resnet import CifarNet, Stage
+from repro.models.cifar.resnet import CifarNet, Stage, global_avg_pool
 
 
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:
@@ -80,7 +80,7 @@ class ShuffleNetV1(CifarNet):
         f1, f1_pre = self.layer1.forward_with_preact(f0)
         f2, f2_pre = self.layer2.forward_with_preact(f1)
         f3, f3_pre = self.layer3.forward_with_preact(f2)
-        pooled = F.avg_pool2d(f3, 4).flatten(1)
+        pooled = global_avg_pool(f3).flatten(1)  # RepDistiller: avg_pool2d(f3, 4)
         if preact:
             return [f0, f1_pre, f2_pre, f3_pre, pooled]
         return [f0, f1, f2, f3, pooled]

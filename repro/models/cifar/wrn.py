@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from repro.models import register_model
-from repro.models.cifar.resnet import CifarNet
+from repro.models.cifar.resnet import CifarNet, global_avg_pool
 
 
 class WideBasicBlock(nn.Module):
@@ -79,7 +79,7 @@ class WideResNet(CifarNet):
         f1 = self.block1(f0)
         f2 = self.block2(f1)
         f3 = self.block3(f2)
-        pooled = F.avg_pool2d(F.relu(self.bn1(f3)), 8).flatten(1)
+        pooled = global_avg_pool(F.relu(self.bn1(f3))).flatten(1)  # RepDistiller: avg_pool2d(..., 8)
         if preact:
             # RepDistiller's "pre-activation" WRN features are the stage outputs passed through the BN that
             # precedes the next ReLU. Like the original, this re-runs those BNs, so in train mode their
