@@ -86,6 +86,16 @@ def compare(plan: Plan, runs: Optional[Union[str, Path]] = None) -> list[CellRes
     return compare_plan(plan, RunStore(Path(runs) if runs else None))
 
 
+def check_floors(output: str, tier: str, runs: Optional[Union[str, Path]] = None,
+                 plans: Optional[list[Plan]] = None) -> list[str]:
+    """The cells of ``output`` below their tier's learning floor (``Spec.tier_floors``), one line each."""
+    from repro.harness.floors import floor_problems
+
+    plans = plans if plans is not None else output_plans(output, tier)
+    store = RunStore(Path(runs) if runs else None)
+    return floor_problems((p, compare_plan(p, store)) for p in plans)
+
+
 def report(output: str, tier: str = "smoke", runs: Optional[Union[str, Path]] = None,
            tables: Union[str, Path] = "tables", seeds: Optional[int] = None, overrides: Sequence[str] = (),
            command: Optional[str] = None, plans: Optional[list[Plan]] = None) -> tuple[Path, Path]:

@@ -127,7 +127,7 @@ BAD_VALUES = {
     "probability": (tiny_with("Student: {losses: {ce: 1.0}}", "Student: {losses: {ce: {label_smoothing: 1.5}}}"),
                     ["label_smoothing = 1.5", "[0, 1]"]),
     "pipeline args": (with_recipe("{pipeline_args: {image_sise: 32}}"), ["pipeline_args ['image_sise']",
-                                                                          "cifar_crop_flip", "(none)"]),
+                                                                          "cifar_crop_flip", "image_size"]),
     "reported metric": (tiny_with("reported: {mean: 61.0}", "reported: {mean: 61.0, metric: mCE}"),
                         ["metric 'mCE'", "top1", "top5", "repro eval"]),
 }

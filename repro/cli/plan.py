@@ -138,12 +138,23 @@ def _selected_loggers(args: argparse.Namespace) -> Iterator[None]:
                 os.environ[ENV] = previous
 
 
-def _report(output: str, args: argparse.Namespace, command_line: str) -> None:
+def _report(output: str, args: argparse.Namespace, command_line: str) -> list[str]:
+    """Render the output's tables; return its cells below their tier's learning floor (printed too)."""
     from repro import api
 
-    md, csv = api.report(output, args.tier, args.runs, args.tables, command=command_line,
-                         plans=output_plans_of(output, args))
+    plans = output_plans_of(output, args)
+    md, csv = api.report(output, args.tier, args.runs, args.tables, command=command_line, plans=plans)
     print(f"wrote {md} and {csv}")
+    problems = api.check_floors(output, args.tier, args.runs, plans)
+    for line in problems:
+        print(f"below the floor: {line}")
+    return problems
+
+
+def _fail_on_floors(problems: list[str], tier: str) -> None:
+    if problems:
+        raise ReproError(f"{len(problems)} cell(s) below the {tier} tier's learning floor (a loss that does not "
+                         f"train, a detached gradient or a wrong teacher looks like this):\n  " + "\n  ".join(problems))
 
 
 @command("plan")
@@ -168,10 +179,13 @@ def cmd_table(args: argparse.Namespace) -> int:
     """Run every spec that renders into ``tables/<output>.md``, then render it."""
     from repro.train.distributed import is_main_process
 
-    for plan in output_plans_of(args.output, args):
-        _execute(plan, args)
+    from repro.harness.plan import merged_plan
+
+    plans = output_plans_of(args.output, args)
+    _execute(merged_plan(f"{args.output} ({len(plans)} specs)", plans), args)
     if is_main_process():  # one writer for the table files
-        _report(args.output, args, f"repro table {args.output} --tier {args.tier}{set_flags(args)}")
+        problems = _report(args.output, args, f"repro table {args.output} --tier {args.tier}{set_flags(args)}")
+        _fail_on_floors(problems, args.tier)
     return 0
 
 
@@ -206,9 +220,11 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     if any(codes):
         raise ReproError(f"smoke reproduction failed (worker exit codes {codes}); see the output above")
     args.tier = "smoke"
+    problems = []
     for output in all_outputs():
         args.output = output
-        _report(output, args, f"repro smoke (output {output})")
+        problems += _report(output, args, f"repro smoke (output {output})")
+    _fail_on_floors(problems, "smoke")
     return 0
 
 

@@ -49,6 +49,20 @@ class ImageTensorDataset:
         return dataclasses.replace(self, images=self.images[:count], labels=self.labels[:count],
                                    fingerprint=f"{self.fingerprint}[:{count}]")
 
+    def downsampled(self, size: Optional[int]) -> "ImageTensorDataset":
+        """Every image averaged down to ``size`` x ``size`` by whole blocks of pixels (2x2 for 32 -> 16), rounded
+        back to uint8; ``None`` or the current size returns the split as it is. Only whole-block factors are
+        taken, so no pixel is interpolated."""
+        height, width = (int(v) for v in self.images.shape[-2:])
+        if size is None or (size == height and size == width):
+            return self
+        if size < 1 or height % size or width % size:
+            raise ReproError(f"{self.name}: cannot downsample {height}x{width} images to {size}x{size}; "
+                             f"the size must divide {height} and {width}")
+        blocks = torch.nn.functional.avg_pool2d(self.images.float(), (height // size, width // size))
+        images = blocks.round().clamp_(0, 255).to(torch.uint8)
+        return dataclasses.replace(self, images=images, fingerprint=f"{self.fingerprint}@{size}px")
+
 
 DatasetReader = Callable[[Path, str, bool], ImageTensorDataset]
 DATASETS: Registry[DatasetReader] = Registry("dataset", package=__name__)

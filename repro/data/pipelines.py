@@ -33,7 +33,8 @@ FOLDER_DATASETS = ("imagenet",)
 
 
 # The ``pipeline_args`` keys a pipeline takes (given the args, which may pick a sub-recipe), for the load-time check.
-PIPELINE_ARGS: dict[str, Callable[[dict[str, Any]], list[str]]] = {"cifar_crop_flip": lambda args: []}
+# cifar_crop_flip's ``image_size``: train and evaluate on images averaged down to this size (the smoke tier's 16x16).
+PIPELINE_ARGS: dict[str, Callable[[dict[str, Any]], list[str]]] = {"cifar_crop_flip": lambda args: ["image_size"]}
 FOLDER_ARGS = ("image_size", "workers")  # read by the folder pipelines themselves; the rest go to the recipe
 
 
@@ -58,7 +59,10 @@ def data_root(recipe: Recipe) -> Path:
 
 @PIPELINES.register("cifar_crop_flip")
 def cifar_crop_flip(recipe: Recipe, seed: int, device: torch.device) -> DataBundle:
-    """RandomCrop(32, padding=4) + RandomHorizontalFlip as batched tensor ops on the device (wttm.md 2.1)."""
+    """RandomCrop(32, padding=4) + RandomHorizontalFlip as batched tensor ops on the device (wttm.md 2.1).
+
+    ``pipeline_args.image_size`` (smoke tier) first averages every image down to that size by whole pixel blocks;
+    the crop then keeps that size, with the same zero padding of 4."""
     from repro.data import load_dataset
     from repro.data.loader import TensorLoader
     from repro.data.synthetic import ensure_synthetic_cifar, read_synthetic_cifar
@@ -71,8 +75,11 @@ def cifar_crop_flip(recipe: Recipe, seed: int, device: torch.device) -> DataBund
         read = lambda split: read_synthetic_cifar(root, split, args["variant"])  # noqa: E731
     else:
         read = lambda split: load_dataset(recipe.data.name, root, split, download=recipe.data.download)  # noqa: E731
-    train = read("train").first(recipe.data.train_subset)
-    test = read("test").first(recipe.data.test_subset)
+    size = recipe.pipeline_args.get("image_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int)):
+        raise ReproError(f"pipeline_args.image_size must be a whole number of pixels, got {size!r}")
+    train = read("train").first(recipe.data.train_subset).downsampled(size)
+    test = read("test").first(recipe.data.test_subset).downsampled(size)
     norm = recipe.normalization
     common = dict(mean=norm.mean, std=norm.std, device=device, channels_last=recipe.channels_last)
     return DataBundle(

@@ -49,6 +49,20 @@ class Plan:
         return list(self.runs.values())
 
 
+def merged_plan(name: str, plans: list[Plan]) -> Plan:
+    """The runs of several plans at one tier (an output's specs) as one DAG named ``name``, so that every run starts
+    once its own dependencies are done instead of each spec waiting for the last run of the one before; a run
+    shared by two specs is one run. For running only: the cells stay each plan's (reports compare per plan)."""
+    runs: dict[str, PlannedRun] = {}
+    for plan in plans:
+        for run_id, run in plan.runs.items():  # each plan's order is topological, so the union's is too
+            runs.setdefault(run_id, run)
+    inert = [text for text in plans[0].inert_overrides if all(text in p.inert_overrides for p in plans)]
+    overrides = list(dict.fromkeys(text for p in plans for text in p.overrides))
+    return Plan(spec=plans[0].spec.model_copy(update={"id": name}), tier=plans[0].tier, runs=runs,
+                cells=[cell for p in plans for cell in p.cells], overrides=overrides, inert_overrides=inert)
+
+
 def teachers_root(recipe: Recipe) -> Path:
     """The one teacher root (absolute) the planner and ``repro teachers fetch`` share: the recipe's
     ``teachers.root``, else ``$REPRO_TEACHERS``, else ``teachers/cifar100``."""
@@ -155,7 +169,7 @@ class Planner:
     def _model(self, key: str) -> dict[str, Any]:
         mdef = self.spec.model_def(key)
         args = deep_merge(self.recipe.model_args, mdef.args)
-        return {"arch": self.spec.arch_of(key, self.tier), "num_classes": mdef.num_classes or self.spec.num_classes,
+        return {"arch": self.spec.arch_of(key, self.tier), "num_classes": mdef.num_classes or self.spec.num_classes_for(self.tier),
                 "args": args}
 
     def _train_config(self, key: str, losses: dict[str, dict[str, Any]], seed: int,

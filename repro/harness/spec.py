@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence, Union
 
 import yaml
-from pydantic import (ConfigDict, PositiveFloat, PositiveInt, PrivateAttr, ValidationError, field_validator,
+from pydantic import (ConfigDict, Field, PositiveFloat, PositiveInt, PrivateAttr, ValidationError, field_validator,
                       model_validator)
 
 from repro.core.errors import ReproError
@@ -174,6 +174,19 @@ class ModelDef(Strict):
     pretrain: Optional[str] = None
 
 
+class Floors(Strict):
+    """The lowest top-1 (%) a tier's teacher and student cells may show (``repro.harness.floors``): at the smoke
+    tier, evidence that every loss trains; a value is our choice, so it says why (``provenance``)."""
+
+    teachers: Optional[float] = Field(None, ge=0, le=100)
+    students: Optional[float] = Field(None, ge=0, le=100)
+    # Method rows held to no floor, each with the reason (e.g. a hint loss whose weight swamps 20 steps of CE).
+    exempt: dict[str, str] = {}
+    # Student models (cell keys) held to no floor, with the reason: an architecture that cannot learn in the budget.
+    exempt_students: dict[str, str] = {}
+    provenance: Provenance
+
+
 class Spec(Strict):
     base: Optional[str] = None  # a shared spec fragment (recipe, tiers, models) this spec extends
     id: str  # "<paper>/<table>", e.g. "wttm/cifar100-table1"
@@ -184,6 +197,9 @@ class Spec(Strict):
     order: int = 100  # position of this spec's section in its output (then by id)
     description: str = ""
     num_classes: PositiveInt = 100
+    # A tier's head width, e.g. {smoke: 10}: the smoke data has 10 classes, and a 100-way head over them leaves
+    # the logit methods' softened targets mostly on classes without images.
+    tier_num_classes: dict[Tier, PositiveInt] = {}
     recipe: Recipe
     recipe_provenance: dict[str, Provenance] = {}
     tiers: dict[Tier, dict[str, Any]] = {}
@@ -197,6 +213,7 @@ class Spec(Strict):
     # Per-tier architecture substitutes, e.g. {smoke: {deit_tiny_patch16_224: vit_smoke_tiny}}: the smoke tier
     # of a ViT paper runs tiny ViTs through the same code path; the substitution is stamped on the table.
     tier_models: dict[Tier, dict[str, str]] = {}
+    tier_floors: dict[Tier, Floors] = {}  # e.g. {smoke: {teachers: 60, students: 25, provenance: ...}}
     methods: dict[str, MethodDef]
     cells: list[Cell]
     claims: list[Claim] = []
@@ -224,6 +241,9 @@ class Spec(Strict):
             return Recipe.model_validate(merged)
         except ValidationError as err:
             raise ReproError(f"spec {self.id}: tier {tier!r} overrides: {format_validation_error(err)}") from None
+
+    def num_classes_for(self, tier: str) -> int:
+        return self.tier_num_classes.get(tier, self.num_classes)  # type: ignore[call-overload]
 
     def seeds_for(self, tier: str) -> int:
         return self.tier_seeds.get(tier, self.seeds)

@@ -44,6 +44,7 @@ _ABSENT = object()
 LEGACY_IDENTITY: dict[tuple[str, ...], tuple[Any, Any]] = {
     ("recipe", "deterministic"): ("warn", True),
     ("recipe", "tf32"): (False, _ABSENT),
+    ("recipe", "precise_bn_batches"): (None, _ABSENT),
 }
 
 

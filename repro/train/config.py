@@ -85,6 +85,9 @@ class TrainRecipe(Strict):
     # TF32 matmuls/convolutions on Ampere+ GPUs; off = true fp32, what the papers' pre-Ampere GPUs computed.
     tf32: bool = False
     clip_grad_norm: Optional[PositiveFloat] = None
+    # Smoke tier only: re-estimate BatchNorm statistics from this many training batches before each evaluation
+    # (repro.train.precise_bn); a few dozen steps leave the running averages far behind the weights.
+    precise_bn_batches: Optional[PositiveInt] = None
 
     @field_validator("deterministic", mode="before")
     @classmethod

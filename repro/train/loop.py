@@ -39,6 +39,7 @@ from repro.train.optim import OPTIMIZERS, SCHEDULES, effective_lr
 from repro.data.pipelines import build_pipeline
 from repro.core.env import environment
 from repro.train.config import TrainRecipe
+from repro.train.precise_bn import batchnorm_layers, recalibrate_batchnorm
 
 
 class RunFiles(Protocol):
@@ -330,6 +331,9 @@ class Trainer:
             self.deviations.append("torch.compile (inductor) of the student's forward, training and evaluation; "
                                    "teacher, loss terms, backward bookkeeping and optimizer step eager")
         self.deviations += self._scale_deviations()
+        if recipe.precise_bn_batches:
+            self.deviations.append(f"BatchNorm statistics re-estimated from {recipe.precise_bn_batches} training "
+                                   f"batches before each evaluation (precise BN)")
 
     def _learning_rate(self) -> float:
         """The recipe's lr at the recipe's global batch; a rescaled global batch scales it linearly (unless the
@@ -586,6 +590,8 @@ class Trainer:
             epoch_seconds = time.perf_counter() - t0
             train_seconds += epoch_seconds
             images_seen += n_images
+            if self.recipe.precise_bn_batches:
+                self._recalibrate_batchnorm(epoch)
             scores = evaluate(self.student, self.test_loader, self._autocast, sharded=self.test_sharded)
             means = {k: v / max(n_images, 1) for k, v in sums.items()}
             row = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
@@ -600,6 +606,18 @@ class Trainer:
             self._save_checkpoint(epoch, best, history)
             log.log(row)
         return history, best, images_seen, train_seconds
+
+    def _recalibrate_batchnorm(self, epoch: int) -> None:
+        """Precise BN over this epoch's first training batches (the same views on every resume); under DDP each
+        rank uses its shard and the statistics are averaged over ranks, so every rank evaluates the same model."""
+        self.train_loader.set_epoch(epoch)
+        with self._autocast():
+            recalibrate_batchnorm(self.student, (batch.images for batch in self.train_loader),
+                                  self.recipe.precise_bn_batches)
+        if self.par.distributed:
+            for layer in batchnorm_layers(self.student):
+                for stats in (layer.running_mean, layer.running_var):
+                    all_reduce_sum(stats).div_(self.par.world_size)
 
     def _term_reports(self) -> dict[str, Any]:
         """What loss terms decided before training (SSTA's heads, their scores and rule), by term name."""
