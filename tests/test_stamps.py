@@ -61,7 +61,8 @@ def test_compile_compiles_the_training_step_and_says_so(tmp_path, workdirs):
     from repro.models import create_model
 
     state = torch.load(store.model_path(run_id), weights_only=True)
-    create_model("resnet8", num_classes=100).load_state_dict(state)
+    heads = json.loads((store.run_dir(run_id) / "config.json").read_text())["model"]["num_classes"]
+    create_model("resnet8", num_classes=heads).load_state_dict(state)
 
 
 def test_teacher_cache_stamps_what_ran_and_a_float32_prefill_is_the_file_training_opens(tmp_path, workdirs):

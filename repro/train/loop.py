@@ -466,6 +466,9 @@ class Trainer:
                 teacher_logits, teacher_feats = self.distiller.teacher_fn(batch, True, preact)
                 loss = run.term.init_loss(Outputs(logits, feats, teacher_logits, teacher_feats), batch)
             loss.backward()
+            if self.recipe.clip_grad_norm:  # the recipe's clip holds for every optimizer step of the run
+                nn.utils.clip_grad_norm_([p for group in run.optimizer.param_groups for p in group["params"]],
+                                         self.recipe.clip_grad_norm)
             run.optimizer.step()
             images = int(batch.labels.numel())
             n_images += images
