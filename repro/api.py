@@ -86,25 +86,33 @@ def compare(plan: Plan, runs: Optional[Union[str, Path]] = None) -> list[CellRes
     return compare_plan(plan, RunStore(Path(runs) if runs else None))
 
 
-def check_floors(output: str, tier: str, runs: Optional[Union[str, Path]] = None,
-                 plans: Optional[list[Plan]] = None) -> list[str]:
-    """The cells of ``output`` below their tier's learning floor (``Spec.tier_floors``), one line each."""
+Sections = list[tuple[Plan, list[CellResult]]]
+
+
+def compare_sections(plans: list[Plan], runs: Optional[Union[str, Path]] = None) -> Sections:
+    """Each plan with its compared cells: what ``report`` renders and ``check_floors`` checks, read once."""
+    store = RunStore(Path(runs) if runs else None)
+    return [(p, compare_plan(p, store)) for p in plans]
+
+
+def check_floors(sections: Sections) -> list[str]:
+    """The compared cells below their tier's learning floor (``Spec.tier_floors``), one line each."""
     from repro.harness.floors import floor_problems
 
-    plans = plans if plans is not None else output_plans(output, tier)
-    store = RunStore(Path(runs) if runs else None)
-    return floor_problems((p, compare_plan(p, store)) for p in plans)
+    return floor_problems(sections)
 
 
 def report(output: str, tier: str = "smoke", runs: Optional[Union[str, Path]] = None,
            tables: Union[str, Path] = "tables", seeds: Optional[int] = None, overrides: Sequence[str] = (),
-           command: Optional[str] = None, plans: Optional[list[Plan]] = None) -> tuple[Path, Path]:
-    """Render ``tables/<output>.md`` and ``.csv`` from the store; returns their paths."""
+           command: Optional[str] = None, plans: Optional[list[Plan]] = None,
+           sections: Optional[Sections] = None) -> tuple[Path, Path]:
+    """Render ``tables/<output>.md`` and ``.csv`` from the store; returns their paths. ``sections``: the plans
+    already compared (``compare_sections``), so a caller that also checks them reads the results once."""
     from repro.harness.render.tables import render_output
 
-    plans = plans if plans is not None else output_plans(output, tier, seeds, overrides)
-    store = RunStore(Path(runs) if runs else None)
-    sections = [(p, compare_plan(p, store)) for p in plans]
+    if sections is None:
+        plans = plans if plans is not None else output_plans(output, tier, seeds, overrides)
+        sections = compare_sections(plans, runs)
     sets = "".join(f" --set {shlex.quote(o)}" for o in overrides)
     return render_output(output, tier, sections, Path(tables), command or f"repro.api.report({output!r}, "
                          f"{tier!r}){sets}")

@@ -32,9 +32,9 @@ def test_cells_below_their_floor_are_named_and_the_rest_pass() -> None:
                result("FitNet", "student", None, status="reported only", reported_only="copied")]
     problems = floor_problems([(plan(), results)])
     assert problems == [
-        "test/floors {wrn_40_2, Teacher}: top-1 59.00 is below the smoke teacher floor of 60%",
-        "test/floors {wrn_16_2 <- wrn_40_2, KD}: top-1 24.99 is below the smoke student floor of 25%",
-        "test/floors {wrn_16_2 <- wrn_40_2, TTM}: no smoke result (failed); the student floor is 25% top-1",
+        "test/floors {teacher: wrn_40_2, student: wrn_16_2, method: Teacher}: top-1 59.00 is below the smoke teacher floor of 60%",
+        "test/floors {teacher: wrn_40_2, student: wrn_16_2, method: KD}: top-1 24.99 is below the smoke student floor of 25%",
+        "test/floors {teacher: wrn_40_2, student: wrn_16_2, method: TTM}: no smoke result (failed); the student floor is 25% top-1",
     ]
 
 

@@ -142,10 +142,10 @@ def _report(output: str, args: argparse.Namespace, command_line: str) -> list[st
     """Render the output's tables; return its cells below their tier's learning floor (printed too)."""
     from repro import api
 
-    plans = output_plans_of(output, args)
-    md, csv = api.report(output, args.tier, args.runs, args.tables, command=command_line, plans=plans)
+    sections = api.compare_sections(output_plans_of(output, args), args.runs)
+    md, csv = api.report(output, args.tier, args.runs, args.tables, command=command_line, sections=sections)
     print(f"wrote {md} and {csv}")
-    problems = api.check_floors(output, args.tier, args.runs, plans)
+    problems = api.check_floors(sections)
     for line in problems:
         print(f"below the floor: {line}")
     return problems

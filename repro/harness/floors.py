@@ -11,14 +11,11 @@ from typing import Iterable, Optional
 
 from repro.harness.compare import CellResult
 from repro.harness.plan import Plan
+from repro.harness.spec import describe_cell
 
 
 def cell_name(result: CellResult) -> str:
-    cell = result.cell
-    pair = f"{cell.student} <- {cell.teacher}" if cell.teacher and result.method.role == "student" else \
-        (cell.teacher or cell.student)
-    assistant = f" (TA {cell.assistant})" if cell.assistant else ""
-    return f"{result.spec_id} {{{pair}{assistant}, {cell.method}}}"
+    return f"{result.spec_id} {{{describe_cell(result.cell)}}}"
 
 
 def _floor_of(plan: Plan, result: CellResult) -> Optional[float]:

@@ -169,7 +169,8 @@ class Planner:
     def _model(self, key: str) -> dict[str, Any]:
         mdef = self.spec.model_def(key)
         args = deep_merge(self.recipe.model_args, mdef.args)
-        return {"arch": self.spec.arch_of(key, self.tier), "num_classes": mdef.num_classes or self.spec.num_classes_for(self.tier),
+        return {"arch": self.spec.arch_of(key, self.tier),
+                "num_classes": mdef.num_classes or self.spec.num_classes_for(self.tier),
                 "args": args}
 
     def _train_config(self, key: str, losses: dict[str, dict[str, Any]], seed: int,

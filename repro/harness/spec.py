@@ -388,12 +388,13 @@ def select_cell(spec: Spec, selector: CellSelector) -> Cell:
     found = [cell for cell in spec.cells if selector.matches(cell)]
     if len(found) == 1:
         return found[0]
-    names = "; ".join(f"{{{_cell_name(c)}}}" for c in found or spec.cells)
+    names = "; ".join(f"{{{describe_cell(c)}}}" for c in found or spec.cells)
     what = f"no cell of spec {spec.id} matches" if not found else f"{len(found)} cells of spec {spec.id} match"
     raise ReproError(f"{what} {{{selector.describe()}}} ({'its cells' if not found else 'name one'}: {names})")
 
 
-def _cell_name(cell: Cell) -> str:
+def describe_cell(cell: Cell) -> str:
+    """A cell as messages name it: ``teacher: wrn_40_2, student: wrn_16_2, method: KD`` (the fields it sets)."""
     return ", ".join(f"{k}: {v}" for k in ("teacher", "student", "assistant", "method") if (v := getattr(cell, k)))
 
 
@@ -437,13 +438,13 @@ def check_init_sources(spec: Spec, spec_file: Path) -> None:
 def _check_same_model(where: str, spec: Spec, cell: Cell, source: Spec, source_cell: Cell) -> None:
     source_method = source.methods[source_cell.method]
     if source_method.reported_only is not None:
-        raise ReproError(f"{where}: the source cell {{{_cell_name(source_cell)}}} of spec {source.id} is reported "
+        raise ReproError(f"{where}: the source cell {{{describe_cell(source_cell)}}} of spec {source.id} is reported "
                          f"only; it has no run to start from")
     produced = _trained_model(source, source_cell)
     for tier in TIERS:
         mine, theirs = spec.arch_of(cell.student, tier), source.arch_of(produced, tier)
         if mine != theirs:
-            raise ReproError(f"{where}: the source cell {{{_cell_name(source_cell)}}} of spec {source.id} trains "
+            raise ReproError(f"{where}: the source cell {{{describe_cell(source_cell)}}} of spec {source.id} trains "
                              f"{theirs!r} at tier {tier!r}, but this cell's student is {mine!r}: its weights "
                              f"do not fit")
 
