@@ -198,8 +198,7 @@ def test_pretrained_without_network_fails_with_one_error(tmp_path, monkeypatch):
 
 # -- the teacher-accuracy gate ---------------------------------------------------------------------------------
 def test_teacher_gate_refuses_a_teacher_off_its_reported_accuracy(tmp_path):
-    recipe = load_spec("wttm/imagenet-table5").recipe_for("smoke").model_dump()
-    recipe.pop("lr_by_arch"), recipe.pop("teachers")
+    recipe = load_spec("wttm/imagenet-table5").recipe_for("smoke").for_training("tv_resnet18").model_dump()
     recipe["data"] = {**recipe["data"], "root": str(tmp_path / "folder"),
                       "synthetic": {"classes": 3, "per_class": 4, "val_per_class": 4, "size": 32, "seed": 0}}
     recipe["batch_size"] = 4

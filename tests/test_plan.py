@@ -67,3 +67,29 @@ def test_schema_command_writes_json_schema(tmp_path, capsys):
     assert main(["schema", "-o", str(out)]) == 0
     schema = json.loads(out.read_text())
     assert "cells" in schema["properties"] and "recipe" in schema["properties"]
+
+
+def test_teacher_recipe_reaches_only_the_teachers_runs_and_recipe_by_arch_only_that_arch(tmp_path, workdirs):
+    spec = load_spec(spec_from(tmp_path, "", replace=(
+        "teachers: {source: train, epochs: 2}",
+        "teachers: {source: train, epochs: 2, recipe: {schedule: {name: cosine_per_step}, optimizer: {lr: 0.2}}}\n"
+        "    recipe_by_arch: {resnet8: {epochs: 5, schedule: {milestones: [4]}}}")))
+    runs = make_plan(spec, "smoke").ordered()
+    teacher = [r for r in runs if r.config["model"]["arch"] == "resnet14"]
+    students = [r for r in runs if r.config["model"]["arch"] == "resnet8"]
+    assert len(teacher) == 1 and students
+    recipe = teacher[0].config["recipe"]
+    assert (recipe["epochs"], recipe["schedule"]["name"], recipe["optimizer"]["lr"]) == (2, "cosine_per_step", 0.2)
+    assert recipe["optimizer"]["momentum"] == 0.9  # merged key by key: the rest of the block is the tier's
+    for run in students:
+        assert (run.config["recipe"]["epochs"], run.config["recipe"]["schedule"]["milestones"]) == (5, [4])
+        assert run.config["recipe"]["schedule"]["name"] != "cosine_per_step"
+    plain = make_plan(load_spec(TINY_SPEC), "smoke").ordered()
+    assert {r.config["model"]["arch"]: r.run_id for r in plain}["resnet14"] != teacher[0].run_id
+
+
+def test_a_teacher_recipe_the_trainer_refuses_names_itself(tmp_path, workdirs):
+    spec = load_spec(spec_from(tmp_path, "", replace=(
+        "teachers: {source: train, epochs: 2}", "teachers: {source: train, recipe: {optimizer: {lr: -1}}}")))
+    with pytest.raises(ReproError, match=r"teachers\.recipe for teacher resnet14"):
+        make_plan(spec, "smoke")

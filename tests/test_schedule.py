@@ -72,6 +72,19 @@ def test_deit_stepping_runs_epoch_k_at_f_of_k_minus_1(warmup):
     assert lrs[0][0] == lrs[1][0]  # the two first epochs share the start value
 
 
+@pytest.mark.parametrize("warmup", [0, 1])
+def test_cosine_per_step_anneals_every_optimizer_step(warmup):
+    """The smoke tier's schedule: the cosine formula above counted in optimizer steps (step u of a run of E epochs
+    of S steps runs at f(u) with E * S steps in the cycle and warmup * S of linear warm-up); epoch calls move nothing."""
+    base, epochs, steps = 0.1, 2, 10
+    cfg = ScheduleConfig(name="cosine_per_step", warmup_epochs=warmup, warmup_lr=1e-4, min_lr=0.0)
+    lrs = [lr for row in _drive("cosine_per_step", cfg, epochs, steps, base) for lr in row]
+    for u, lr in enumerate(lrs):
+        assert lr == pytest.approx(timm_cosine(u, base, epochs * steps, warmup * steps, 1e-4, 0.0), rel=1e-12), u
+    assert len(set(lrs)) == len(lrs)  # a new lr every step, not once per epoch
+    assert lrs[-1] < 0.01 * base
+
+
 class _MMState:
     lr: float
 

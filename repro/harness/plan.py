@@ -211,6 +211,9 @@ class Planner:
             if source.epochs:
                 config["recipe"]["epochs"] = source.epochs
                 self._validated(config["recipe"], f"teachers.epochs {source.epochs} for teacher {key}")
+            if source.recipe:
+                config["recipe"] = deep_merge(config["recipe"], source.recipe)
+                self._validated(config["recipe"], f"teachers.recipe for teacher {key}")
             init_id = self._pretrain_run(key)
             if init_id:
                 config["init"] = {"run": init_id}

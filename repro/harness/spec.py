@@ -69,20 +69,37 @@ class TeacherSource(Strict):
     gate_tolerance: Optional[float] = 0.5  # refuse a teacher this far (points) off its reported accuracy
     seed: int = 0
     epochs: Optional[PositiveInt] = None  # trained teachers: epochs if not the recipe's (smoke tier)
+    # Trained teachers: any other recipe values for their CE runs, deep-merged into the tier's recipe (the smoke
+    # tier anneals its teachers, whose students keep the constant lr: {schedule: {name: cosine_per_step}}).
+    recipe: dict[str, Any] = {}
 
 
 class Recipe(TrainRecipe):
     """A spec's recipe: the run's own (``repro.train.config.TrainRecipe``) plus what only the planner reads."""
 
     lr_by_arch: dict[str, PositiveFloat] = {}  # e.g. the official code forces lr 0.01 for MobileNetV2/ShuffleNets
+    # Any other recipe values for the runs of one architecture, deep-merged after ``lr_by_arch`` (e.g. a tier's
+    # slow learner trains longer: {MobileNetV2: {epochs: 4}}).
+    recipe_by_arch: dict[str, dict[str, Any]] = {}
     teachers: TeacherSource = TeacherSource()
 
+    @model_validator(mode="after")
+    def _arch_recipes_valid(self) -> "Recipe":
+        for arch in self.recipe_by_arch:
+            try:
+                self.for_training(arch)
+            except ValidationError as err:
+                raise ValueError(f"recipe_by_arch.{arch}: {format_validation_error(err)}") from None
+        return self
+
     def for_training(self, arch: str) -> TrainRecipe:
-        """The recipe a run of ``arch`` trains with: ``lr_by_arch`` applied, the planner-only fields dropped (how
-        teachers are obtained is part of the teacher reference, not of the recipe)."""
+        """The recipe a run of ``arch`` trains with: ``lr_by_arch`` and ``recipe_by_arch`` applied, the
+        planner-only fields dropped (how teachers are obtained is part of the teacher reference, not of the
+        recipe)."""
         fields = self.model_dump(include=set(TrainRecipe.model_fields))
         if arch in self.lr_by_arch:
             fields["optimizer"]["lr"] = self.lr_by_arch[arch]
+        fields = deep_merge(fields, self.recipe_by_arch.get(arch, {}))
         return TrainRecipe.model_validate(fields)
 
 

@@ -83,6 +83,17 @@ def _cosine(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epochs: int, 
                              warmup_lr_init=cfg.warmup_lr, t_in_epochs=True)
 
 
+@SCHEDULES.register("cosine_per_step")
+def _cosine_per_step(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epochs: int,
+                     steps_per_epoch: int) -> Scheduler:
+    # timm's cosine counted in optimizer steps (t_in_epochs=False: the runner's step_update(u) before step u sets
+    # f(u); its epoch calls are ignored), so a run of a few dozen steps still anneals smoothly to min_lr instead
+    # of jumping once per epoch; warm-up in epochs, converted to steps.
+    return CosineLRScheduler(optimizer, t_initial=epochs * steps_per_epoch, lr_min=cfg.min_lr,
+                             warmup_t=cfg.warmup_epochs * steps_per_epoch, warmup_lr_init=cfg.warmup_lr,
+                             t_in_epochs=False)
+
+
 class _SteppedAfterEpoch(CosineLRScheduler):
     """timm's cosine as a loop that calls ``step(epoch)`` after each 0-based epoch runs it (deit main.py): the
     first epoch runs at the value set at construction (f(0)), 0-based epoch k >= 1 at f(k - 1). Our runner steps
