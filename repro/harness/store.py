@@ -2,7 +2,8 @@
 
 - ``config.json``   the fully resolved config whose hash is the run id
 - ``metrics.jsonl`` one line per epoch (lr, each loss term, test top-1/top-5, predictive entropy, wall time)
-- ``checkpoint.pt`` the last epoch's full state (model, optimizer, terms, epoch, every RNG state)
+- ``checkpoint.pt`` the full state (model, optimizer, terms, epoch, every RNG state) after each epoch but the last
+                    (``model.pt`` follows the last one; a run killed in between replays it exactly)
 - ``model.pt``      the final weights (what a student run loads when this run is its teacher)
 - ``result.json``   the outcome (best/last top-1, status, device, versions, commit, deviations)
 - ``.lock``         held while a process trains the run (``repro.harness.locks``: one trainer per run, stale-lock recovery)

@@ -523,7 +523,11 @@ class Trainer:
             "mapping": self.mapping.fields(),  # informative only: resuming at another world size is fine
             "init": self._init_state(),
         })
-        self.store.write_metrics(self.run_id, self._init_rows() + history)
+        self._write_metrics(history)
+
+    def _write_metrics(self, history: list[dict[str, Any]]) -> None:
+        if self.par.is_main:
+            self.store.write_metrics(self.run_id, self._init_rows() + history)
 
     def _load_checkpoint(self) -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
         path = self.store.checkpoint_path(self.run_id)
@@ -544,9 +548,7 @@ class Trainer:
             self.init.history = list(init["history"])
             if init["optimizer"] is not None:
                 self.init.optimizer.load_state_dict(init["optimizer"])
-        if self.par.is_main:
-            # drop lines written after that checkpoint
-            self.store.write_metrics(self.run_id, self._init_rows() + state["history"])
+        self._write_metrics(state["history"])  # drops the lines written after that checkpoint
         return int(state["epoch"]), state["best"], state["history"]
 
     # -- loop --------------------------------------------------------------------------------------------------
@@ -606,7 +608,13 @@ class Trainer:
             history.append(row)
             if scores["top1"] > best["top1"]:
                 best = {"top1": scores["top1"], "top5": scores["top5"], "epoch": epoch}
-            self._save_checkpoint(epoch, best, history)
+            if epoch < epochs:
+                self._save_checkpoint(epoch, best, history)
+            else:
+                # No full state after the last epoch: model.pt is written next, and a run killed in between
+                # resumes from the epoch before and replays this one exactly (the order and every RNG state come
+                # from that checkpoint). At the smoke tier's few steps the write cost as much as an epoch's eval.
+                self._write_metrics(history)
             log.log(row)
         return history, best, images_seen, train_seconds
 
