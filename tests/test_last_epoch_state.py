@@ -61,6 +61,7 @@ def test_a_run_killed_after_its_last_epoch_replays_it_exactly(workdirs, cache) -
            (expected["best_top1"], expected["last_top1"], expected["best_epoch"])
     a, b = _weights(store, "clean"), _weights(store, "killed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(store.metrics("killed")) == len(store.metrics("clean")) == resumed.recipe.epochs
     assert store.metrics("killed") == [
         {**row, "wall_time_s": got_row["wall_time_s"], "images_per_s": got_row["images_per_s"]}
         for row, got_row in zip(store.metrics("clean"), store.metrics("killed"))]

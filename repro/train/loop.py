@@ -612,8 +612,9 @@ class Trainer:
                 self._save_checkpoint(epoch, best, history)
             else:
                 # No full state after the last epoch: model.pt is written next, and a run killed in between
-                # resumes from the epoch before and replays this one exactly (the order and every RNG state come
-                # from that checkpoint). At the smoke tier's few steps the write cost as much as an epoch's eval.
+                # resumes from the epoch before (or the start) and replays this one exactly (the order and every
+                # RNG state come from that checkpoint). At the smoke tier's few steps the write cost nearly as much
+                # as an epoch's evaluation.
                 self._write_metrics(history)
             log.log(row)
         return history, best, images_seen, train_seconds
