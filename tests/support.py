@@ -57,3 +57,29 @@ def non_finite_term(at_step: int, value: float) -> type:
             return out.logits.float().mean() * 0 + (value if self.calls == at_step else 0.0)
 
     return NonFiniteAt
+
+
+def tiny_kd_trainer(runs: Any, run_id: str, losses: dict | None = None, teacher_cache: bool = False) -> Any:
+    """A Trainer for the KD student of tests/specs/tiny.yaml (its losses replaced by ``losses`` when given), with
+    a randomly initialised teacher (seed 5) in place of the trained one, storing into ``runs``."""
+    import copy
+
+    from repro.harness.plan import make_plan
+    from repro.harness.spec import load_spec
+    from repro.harness.store import RunStore
+    from repro.models import create_model
+    from repro.train.loop import Resolved, Trainer
+    from tests.conftest import TINY_SPEC
+
+    plan = make_plan(load_spec(TINY_SPEC), "smoke")
+    run = next(r for r in plan.ordered() if r.config["kind"] == "train" and r.config["teacher"]
+               and "kd" in r.config["losses"])
+    config = copy.deepcopy(run.config)
+    if losses is not None:
+        config["losses"] = losses
+    config["recipe"]["teacher_cache"] = teacher_cache
+    teacher_cfg = plan.runs[config["teacher"]["run"]].config["model"]
+    torch.manual_seed(5)
+    teacher = create_model(teacher_cfg["arch"], num_classes=teacher_cfg["num_classes"]).eval()
+    return Trainer(config, RunStore(runs), run_id, torch.device("cpu"),
+                   Resolved(teacher=teacher, teacher_key="t"), progress=False)

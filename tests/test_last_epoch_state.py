@@ -2,30 +2,16 @@
 its last epoch resumes from the epoch before and replays the last one bit for bit."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
-from repro.harness.plan import make_plan
-from repro.harness.spec import load_spec
 from repro.harness.store import RunStore
-from repro.models import create_model
-from repro.train.loop import Resolved, Trainer
-from tests.conftest import TINY_SPEC
+from repro.train.loop import Trainer
+from tests.support import tiny_kd_trainer
 
 
 def _trainer(workdirs: dict, run_id: str, cache: bool = False) -> Trainer:
-    plan = make_plan(load_spec(TINY_SPEC), "smoke")
-    run = next(r for r in plan.ordered() if r.config["kind"] == "train" and r.config["teacher"]
-               and "kd" in r.config["losses"])
-    config = copy.deepcopy(run.config)
-    config["recipe"]["teacher_cache"] = cache
-    teacher_cfg = plan.runs[config["teacher"]["run"]].config["model"]
-    torch.manual_seed(5)
-    teacher = create_model(teacher_cfg["arch"], num_classes=teacher_cfg["num_classes"]).eval()
-    return Trainer(config, RunStore(workdirs["runs"]), run_id, torch.device("cpu"),
-                   Resolved(teacher=teacher, teacher_key="t"), progress=False)
+    return tiny_kd_trainer(workdirs["runs"], run_id, teacher_cache=cache)
 
 
 def _weights(store: RunStore, run_id: str) -> dict[str, torch.Tensor]:

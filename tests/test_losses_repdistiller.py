@@ -23,11 +23,10 @@ from repro.losses.rkd import pairwise_distances, rkd_loss
 from repro.losses.vid import VIDRegressor, vid_nll
 from repro.methods import Distiller, Outputs, TermContext, get_term
 from repro.models import create_model
-from repro.harness.plan import make_plan
 from repro.harness.spec import load_spec
 from repro.harness.store import RunStore
-from repro.train.loop import Resolved, Trainer
-from tests.conftest import TINY_SPEC
+from repro.train.loop import Trainer
+from tests.support import tiny_kd_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -394,17 +393,7 @@ def _image_batch():
 
 
 def _trainer(workdirs: dict, losses: dict, run_id: str = "fitnet-run") -> Trainer:
-    plan = make_plan(load_spec(TINY_SPEC), "smoke")
-    run = next(r for r in plan.ordered() if r.config["kind"] == "train" and r.config["teacher"]
-               and "kd" in r.config["losses"])
-    config = copy.deepcopy(run.config)
-    config["losses"] = losses
-    config["recipe"]["teacher_cache"] = False
-    teacher_cfg = plan.runs[config["teacher"]["run"]].config["model"]
-    torch.manual_seed(5)
-    teacher = create_model(teacher_cfg["arch"], num_classes=teacher_cfg["num_classes"]).eval()
-    return Trainer(config, RunStore(workdirs["runs"]), run_id, torch.device("cpu"),
-                   Resolved(teacher=teacher, teacher_key="t"), progress=False)
+    return tiny_kd_trainer(workdirs["runs"], run_id, losses)
 
 
 def test_the_training_loop_probes_feature_shapes_for_the_connectors(workdirs) -> None:
