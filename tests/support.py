@@ -83,3 +83,19 @@ def tiny_kd_trainer(runs: Any, run_id: str, losses: dict | None = None, teacher_
     teacher = create_model(teacher_cfg["arch"], num_classes=teacher_cfg["num_classes"]).eval()
     return Trainer(config, RunStore(runs), run_id, torch.device("cpu"),
                    Resolved(teacher=teacher, teacher_key="t"), progress=False)
+
+
+def epoch_losses(distiller: Any, dataset: Any, epochs: list[int], mean: Any, std: Any) -> list[dict[str, float]]:
+    """Each step's weighted term losses of ``distiller`` over ``epochs`` of a batch-4 augmented loader (seed 3).
+    The global RNG is reseeded first: CRD draws its negatives from it, so two calls make the same draws."""
+    from repro.data.loader import TensorLoader
+
+    torch.manual_seed(2)
+    loader = TensorLoader(dataset, 4, mean, std, train=True, augment=True, seed=3, device="cpu")
+    losses = []
+    for epoch in epochs:
+        loader.set_epoch(epoch)
+        for batch in loader:
+            _, terms = distiller.forward_train(batch)
+            losses.append({name: value.item() for name, value in terms.items()})
+    return losses

@@ -65,15 +65,19 @@ def test_compile_compiles_the_training_step_and_says_so(tmp_path, workdirs):
     create_model("resnet8", num_classes=heads).load_state_dict(state)
 
 
-def test_teacher_cache_stamps_what_ran_and_a_float32_prefill_is_the_file_training_opens(tmp_path, workdirs):
+KD_AND_CRD = {"KD": {"losses": {"ce": 0.1, "kd": {"weight": 0.9, "temperature": 4}}},
+              "CRD": {"losses": {"ce": 1.0, "kd": {"weight": 1.0, "temperature": 4}, "crd": {"weight": 0.8, "k": 8}}}}
+
+
+def prefilled_cache_stamps(tmp_path, workdirs, smoke: dict, methods: dict) -> tuple[dict, list[list[str]]]:
+    """Train the teacher, pre-fill its cache (`repro teachers cache`), run one resnet8 cell per method and check
+    that training opened that very file (no other was created) and found every view filled (nothing written).
+    Returns the cache's sidecar keys and each cell's deviations, in the methods' order."""
     from repro.harness.execute import cache_teachers
     from repro.train.teacher_cache_open import cache_dir
 
-    methods = {"KD": {"losses": {"ce": 0.1, "kd": {"weight": 0.9, "temperature": 4}}},
-               "CRD": {"losses": {"ce": 1.0, "kd": {"weight": 1.0, "temperature": 4}, "crd": {"weight": 0.8, "k": 8}}}}
-    cells = [{"teacher": "resnet8", "student": "resnet8", "method": "KD"},
-             {"teacher": "resnet8", "student": "resnet8", "method": "CRD"}]
-    spec = cifar_spec(tmp_path, {"teacher_cache": True, "teacher_cache_dtype": "float32"}, methods, cells)
+    cells = [{"teacher": "resnet8", "student": "resnet8", "method": name} for name in methods]
+    spec = cifar_spec(tmp_path, {"teacher_cache": True, "teacher_cache_dtype": "float32", **smoke}, methods, cells)
     plan = make_plan(load_spec(spec), "smoke")
     store = RunStore(workdirs["runs"])
     teacher_id = plan.runs[plan.cells[0].run_ids[0]].config["teacher"]["run"]
@@ -81,22 +85,38 @@ def test_teacher_cache_stamps_what_ran_and_a_float32_prefill_is_the_file_trainin
     teacher_only.runs = {teacher_id: plan.runs[teacher_id]}
     execute(teacher_only, store, torch.device("cpu"), progress=False)
 
-    # `repro teachers cache`: pre-fill every view in the recipe's dtype
     ((filled_id, computed),) = cache_teachers(plan, store, torch.device("cpu"))
     assert filled_id == teacher_id and computed == 32 * 162
     files = sorted(cache_dir(store.root).glob("*.logits"))
-    assert len(files) == 1 and json.loads(files[0].with_suffix(".json").read_text())["dtype"] == "float32"
+    keys = json.loads(files[0].with_suffix(".json").read_text())
+    assert len(files) == 1 and keys["dtype"] == "float32"
     before = hashlib.sha256(files[0].read_bytes()).hexdigest()
 
-    summary = execute(plan, store, torch.device("cpu"), progress=False)
-    assert not summary.failed
-    # training opened that very file (no other was created) and found every view filled (nothing written)
+    assert not execute(plan, store, torch.device("cpu"), progress=False).failed
     assert sorted(cache_dir(store.root).glob("*.logits")) == files
     assert hashlib.sha256(files[0].read_bytes()).hexdigest() == before
-    kd, crd = (result_of(store, cell.run_ids[0])["deviations"] for cell in plan.cells)
+    return keys, [result_of(store, cell.run_ids[0])["deviations"] for cell in plan.cells]
+
+
+def test_teacher_cache_stamps_what_ran_and_a_float32_prefill_is_the_file_training_opens(tmp_path, workdirs):
+    keys, (kd, crd) = prefilled_cache_stamps(tmp_path, workdirs, {"teacher_cache_features": False}, KD_AND_CRD)
+    assert "feature_width" not in keys
     assert "teacher logits from the exact teacher-output cache (float32)" in kd
     assert not any("from the exact teacher-output cache" in d for d in crd)
     assert "teacher_cache requested but not used (crd read the teacher's features, so the teacher ran live)" in crd
+
+
+def test_feature_cache_serves_the_last_feature_terms_from_the_prefilled_file_and_says_so(tmp_path, workdirs):
+    methods = {**KD_AND_CRD, "ITRD": {"losses": {"ce": 1.0, "itrd": 1.0}},
+               "FitNet": {"losses": {"ce": 1.0, "fitnet": {"weight": 100, "hint_layer": 2}}}}
+    keys, (kd, crd, itrd, fitnet) = prefilled_cache_stamps(tmp_path, workdirs, {"teacher_cache_features": True},
+                                                           methods)
+    assert keys["feature_width"] == 64  # resnet8's pooled feature
+    assert "teacher logits from the exact teacher-output cache (float32)" in kd
+    for stamps in (crd, itrd):
+        assert "teacher logits and last feature from the exact teacher-output cache (float32)" in stamps
+    assert ("teacher_cache requested but not used (fitnet read teacher features other than the last one, so the "
+            "teacher ran live)") in fitnet
 
 
 def test_ssta_result_json_holds_the_head_selection(tmp_path, monkeypatch):

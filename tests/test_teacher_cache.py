@@ -16,6 +16,7 @@ from repro.data.teacher_cache import TeacherCache, cached_teacher_fn, checkpoint
 from repro.core.errors import ReproError
 from repro.data.batch import Batch
 from repro.methods import Distiller, TermContext, get_term
+from tests.support import epoch_losses
 
 NUM_IMAGES, NUM_CLASSES = 10, 7
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
@@ -61,25 +62,14 @@ def _distiller(teacher: nn.Module, dataset: ImageTensorDataset, teacher_fn=None)
     return Distiller(student, teacher, terms, teacher_fn=teacher_fn)
 
 
-def _epoch_losses(distiller: Distiller, dataset: ImageTensorDataset, epochs: list[int]) -> list[dict[str, float]]:
-    loader = TensorLoader(dataset, 4, MEAN, STD, train=True, augment=True, seed=3, device="cpu")
-    losses = []
-    for epoch in epochs:
-        loader.set_epoch(epoch)
-        for batch in loader:
-            _, terms = distiller.forward_train(batch)
-            losses.append({name: value.item() for name, value in terms.items()})
-    return losses
-
-
 @pytest.mark.parametrize("dtype, rtol", [("float32", 1e-5), ("float16", 5e-3)])
 def test_cached_losses_equal_live_teacher_losses(tmp_path: Path, dataset: ImageTensorDataset, dtype: str,
                                                  rtol: float) -> None:
     teacher = CountingNet(seed=0)
-    live = _epoch_losses(_distiller(teacher, dataset), dataset, [1, 2, 1])
+    live = epoch_losses(_distiller(teacher, dataset), dataset, [1, 2, 1], MEAN, STD)
     cache = _open(tmp_path, dtype=dtype)
     cached_fn = cached_teacher_fn(cache, teacher, "cpu")
-    cached = _epoch_losses(_distiller(teacher, dataset, cached_fn), dataset, [1, 2, 1])
+    cached = epoch_losses(_distiller(teacher, dataset, cached_fn), dataset, [1, 2, 1], MEAN, STD)
     assert len(live) == len(cached) == 9
     for a, b in zip(live, cached):
         assert a.keys() == b.keys() == {"kd", "wttm"}

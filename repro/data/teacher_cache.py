@@ -11,7 +11,7 @@ fingerprint and the normalisation. A changed teacher or data file therefore open
 sidecar records the keys in plain text.
 
 File layout (format 2): a filled flag per (image, view) as uint8 [N, V], a checksum per entry as uint32 [N, V],
-then the logits [N, V, K] in float16 or float32 (float16 for CIFAR-100 is 50000 x 162 x 100 x 2 bytes, about
+then the logits [N, V, K] (with a last feature, [N, V, K + D]) in float16 or float32 (float16 for CIFAR-100 is 50000 x 162 x 100 x 2 bytes, about
 1.6 GB, sparse until filled). A writer stores the logits, then the checksum, then the flag. Several writers on
 several nodes share one file (often over NFS), and neither NFS nor a weakly ordered CPU guarantees that a reader
 sees those writes in that order: a flag may be visible before its logits (which then read as zeros, a uniform
@@ -25,6 +25,12 @@ loader provides them, so a warm cache reads nothing back from the device.
 
 Returned logits are always the cache-dtype values (live results are rounded the same way), so a run's numbers do
 not depend on whether the cache was cold or warm.
+
+A cache opened with ``feature_width=D`` holds, after each entry's K logits, the teacher's last feature: the pooled
+penultimate vector ``feats[-1]`` of the post-activation forward (``model(x, is_feat=True)``), D wide. It serves the
+loss terms that read only that feature (CRD, ITRD, RKD, PKT: ``LossTerm.reads_teacher_features == "last"``); the
+returned feature list holds None in every other place, so a term reading another feature fails loudly. Its keys
+differ from the logits-only file's (``feature_width`` is one of them), and a logits-only file keeps its name.
 """
 from __future__ import annotations
 
@@ -107,6 +113,8 @@ class TeacherCache:
         self.num_images = int(keys["num_images"])
         self.num_views = int(keys["num_views"])
         self.num_classes = int(keys["num_classes"])
+        self.feature_width = int(keys.get("feature_width", 0))
+        self.width = self.num_classes + self.feature_width  # values per entry: logits, then the last feature
         self.padding = int(keys["padding"])
         self.dtype = DTYPES[keys["dtype"]]
         self._torch_dtype = getattr(torch, keys["dtype"])
@@ -117,7 +125,7 @@ class TeacherCache:
         self._checksums = np.memmap(path, dtype=np.uint32, mode=mode, offset=self._checksums_offset(self.keys),
                                     shape=shape)
         self._logits = np.memmap(path, dtype=self.dtype, mode=mode, offset=self._logits_offset(self.keys),
-                                 shape=(*shape, self.num_classes))
+                                 shape=(*shape, self.width))
 
     @staticmethod
     def _checksums_offset(keys: dict[str, Any]) -> int:
@@ -131,20 +139,26 @@ class TeacherCache:
 
     @classmethod
     def _file_size(cls, keys: dict[str, Any]) -> int:
-        entries = int(keys["num_images"]) * int(keys["num_views"]) * int(keys["num_classes"])
+        width = int(keys["num_classes"]) + int(keys.get("feature_width", 0))
+        entries = int(keys["num_images"]) * int(keys["num_views"]) * width
         return cls._logits_offset(keys) + entries * np.dtype(DTYPES[keys["dtype"]]).itemsize
 
     @classmethod
     def open(cls, cache_dir: str | Path, *, teacher_key: str, data_fingerprint: str, normalization: Sequence[Any],
              num_images: int, num_classes: int, dtype: str = "float16", padding: int = PADDING,
-             readonly: bool = False) -> "TeacherCache":
-        """Open (creating if needed) the cache file for these keys in ``cache_dir``."""
+             readonly: bool = False, feature_width: int = 0) -> "TeacherCache":
+        """Open (creating if needed) the cache file for these keys in ``cache_dir``; ``feature_width`` > 0 also
+        holds the teacher's last feature of that width after each entry's logits."""
         if dtype not in DTYPES:
             raise ReproError(f"teacher cache dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if feature_width < 0:
+            raise ReproError(f"teacher cache feature_width must be 0 or more, got {feature_width}")
         keys = {"format": CACHE_FORMAT, "teacher_key": str(teacher_key), "data_fingerprint": str(data_fingerprint),
                 "normalization": _normalization_json(normalization), "num_images": int(num_images),
                 "num_classes": int(num_classes), "num_views": num_views(padding), "padding": int(padding),
                 "dtype": dtype}
+        if feature_width:  # absent from a logits-only file's keys, so its name (their hash) did not change
+            keys["feature_width"] = int(feature_width)
         digest = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:24]
         cache_dir = Path(cache_dir)
         path = cache_dir / f"teacher-{digest}.logits"
@@ -209,10 +223,10 @@ class TeacherCache:
         return rows, ids
 
     def _valid(self, rows: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(valid bool [B], logits [B, K] in the cache dtype): an entry is valid when its flag is set and its
-        checksum matches the logits read (a flag seen before its logits, or a torn write, is not)."""
+        """(valid bool [B], entries [B, width] in the cache dtype): an entry is valid when its flag is set and its
+        checksum matches the values read (a flag seen before its values, or a torn write, is not)."""
         flagged = np.asarray(self._flags[rows, ids]) == 1
-        logits = np.zeros((rows.shape[0], self.num_classes), dtype=self.dtype)
+        logits = np.zeros((rows.shape[0], self.width), dtype=self.dtype)
         valid = flagged.copy()
         if flagged.any():
             logits[flagged] = np.asarray(self._logits[rows[flagged], ids[flagged]])
@@ -226,14 +240,15 @@ class TeacherCache:
         return torch.from_numpy(valid).to(indices.device)
 
     def lookup_host(self, indices: Tensor, views: Optional[Tensor]) -> tuple[np.ndarray, np.ndarray]:
-        """(logits float32 [B, K], hit bool [B]) as host arrays; rows that miss are zero."""
+        """(entries float32 [B, width], hit bool [B]) as host arrays; rows that miss are zero. An entry is the
+        logits, then (``feature_width`` > 0) the last feature."""
         valid, logits = self._valid(*self._positions(indices, views))
         logits = logits.astype(np.float32)
         logits[~valid] = 0.0
         return logits, valid
 
     def lookup(self, indices: Tensor, views: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        """(logits float32 [B, K], hit bool [B]) on ``indices.device``; rows that miss are zero."""
+        """(entries float32 [B, width], hit bool [B]) on ``indices.device``; rows that miss are zero."""
         logits, hit = self.lookup_host(indices, views)
         return torch.from_numpy(logits).to(indices.device), torch.from_numpy(hit).to(indices.device)
 
@@ -243,11 +258,12 @@ class TeacherCache:
         return torch.where(torch.isfinite(rounded).all(dim=1, keepdim=True), rounded, logits.detach().float())
 
     def store(self, indices: Tensor, views: Optional[Tensor], logits: Tensor) -> None:
-        """Write the logits of these (image, view) pairs; rows that overflow the cache dtype are not stored."""
+        """Write the entries (logits, then the last feature if the cache holds one) of these (image, view) pairs;
+        rows that overflow the cache dtype are not stored."""
         if self.readonly:
             raise ReproError(f"teacher cache {self.path.name} was opened read-only")
-        if logits.shape != (indices.shape[0], self.num_classes):
-            raise ValueError(f"logits {tuple(logits.shape)} do not match [{indices.shape[0]}, {self.num_classes}]")
+        if logits.shape != (indices.shape[0], self.width):
+            raise ValueError(f"entries {tuple(logits.shape)} do not match [{indices.shape[0]}, {self.width}]")
         rows, ids = self._positions(indices, views)
         values = logits.detach().to(self._torch_dtype).cpu().numpy()  # torch casts overflow to inf silently
         keep = np.isfinite(values).all(axis=1)
@@ -279,48 +295,75 @@ class TeacherCache:
         self.close()
 
 
-def _teacher_logits(teacher: nn.Module, images: Tensor) -> Tensor:
+def _teacher_entries(teacher: nn.Module, images: Tensor, with_feature: bool) -> Tensor:
+    """float32 [B, K] logits, or (``with_feature``) [B, K + D]: the logits, then the last feature of the
+    post-activation forward (the model contract of ``repro.models``: ``model(x, is_feat=True)``)."""
     teacher.eval()
     with torch.no_grad():
-        return teacher(images).float()
+        if not with_feature:
+            return teacher(images).float()
+        feats, logits = teacher(images, is_feat=True, preact=False)
+        return torch.cat([logits.float(), feats[-1].flatten(1).float()], dim=1)
 
 
 class CachedTeacher:
-    """A ``repro.methods.base.TeacherFn`` that serves cached logits and runs the teacher only on misses.
+    """A ``repro.methods.base.TeacherFn`` that serves cached logits (and last features) and runs the teacher only
+    on misses.
 
+    With a cache that holds the last feature, a request for features returns ``num_features`` places with the
+    last feature in the last one and None in the others. A request for pre-activation features is served only when
+    ``serves_preact`` says the teacher's last feature is the same in both kinds (the caller checked it).
     ``hits``/``misses`` count (image, view) pairs, for logging and tests.
     """
 
-    def __init__(self, cache: TeacherCache, teacher: nn.Module, device: torch.device | str) -> None:
+    def __init__(self, cache: TeacherCache, teacher: nn.Module, device: torch.device | str, num_features: int = 0,
+                 serves_preact: bool = False) -> None:
         self.cache, self.teacher, self.device = cache, teacher, torch.device(device)
+        self.num_features, self.serves_preact = int(num_features), bool(serves_preact)
         self.hits = 0
         self.misses = 0
 
-    def __call__(self, batch: Batch, feats: bool, preact: bool) -> tuple[Tensor, Optional[list[Tensor]]]:
-        if feats:
+    def _check_request(self, feats: bool, preact: bool) -> None:
+        if not feats:
+            return
+        if not self.cache.feature_width or self.num_features < 1:
             raise ReproError("the teacher-output cache holds logits only; loss terms that need teacher features "
                              "must run with the live teacher (disable the teacher cache for this run)")
+        if preact and not self.serves_preact:
+            raise ReproError("the teacher-output cache holds the post-activation last feature; a pre-activation "
+                             "request is served from it only for a teacher whose last feature is the same in both")
+
+    def __call__(self, batch: Batch, feats: bool, preact: bool) -> tuple[Tensor, Optional[list[Optional[Tensor]]]]:
+        self._check_request(feats, preact)
         # Host copies of the positions when the loader has them: a warm cache then reads nothing from the device.
         indices = batch.host_indices if batch.host_indices is not None else batch.indices
         views = batch.host_views if batch.host_views is not None else batch.views
-        logits_np, hit = self.cache.lookup_host(indices, views)
-        logits = torch.from_numpy(logits_np).to(self.device, non_blocking=True)
+        entries_np, hit = self.cache.lookup_host(indices, views)
+        entries = torch.from_numpy(entries_np).to(self.device, non_blocking=True)
         miss = np.flatnonzero(~hit)
         self.hits += int(hit.sum())
         self.misses += int(miss.size)
         if miss.size:
             miss_t = torch.from_numpy(miss)
-            live = _teacher_logits(self.teacher, batch.images[miss_t.to(batch.images.device)].to(self.device))
+            live = _teacher_entries(self.teacher, batch.images[miss_t.to(batch.images.device)].to(self.device),
+                                    with_feature=self.cache.feature_width > 0)
             if not self.cache.readonly:  # a read-only job (after `repro teachers cache`) computes misses live only
                 miss_views = views[miss_t.to(views.device)] if views is not None else None
                 self.cache.store(indices[miss_t.to(indices.device)], miss_views, live)
-            logits[miss_t.to(self.device)] = self.cache.round(live)
-        return logits, None
+            entries[miss_t.to(self.device)] = self.cache.round(live)
+        if not self.cache.feature_width:
+            return entries, None
+        classes = self.cache.num_classes
+        logits = entries[:, :classes].contiguous()
+        if not feats:
+            return logits, None
+        return logits, [None] * (self.num_features - 1) + [entries[:, classes:].contiguous()]
 
 
-def cached_teacher_fn(cache: TeacherCache, teacher: nn.Module, device: torch.device | str) -> CachedTeacher:
+def cached_teacher_fn(cache: TeacherCache, teacher: nn.Module, device: torch.device | str, num_features: int = 0,
+                      serves_preact: bool = False) -> CachedTeacher:
     """The callable to pass as ``Distiller(..., teacher_fn=...)``."""
-    return CachedTeacher(cache, teacher, device)
+    return CachedTeacher(cache, teacher, device, num_features, serves_preact)
 
 
 def fill_cache(cache: TeacherCache, teacher: nn.Module, dataset: ImageTensorDataset, mean: Sequence[float],
@@ -346,7 +389,8 @@ def fill_cache(cache: TeacherCache, teacher: nn.Module, dataset: ImageTensorData
         if todo.any():
             indices, views = indices[todo], views[todo]
             batch_images = apply_views(images[indices.to(device)], views.to(device), cache.padding)
-            cache.store(indices, views, _teacher_logits(teacher, normalize(batch_images, mean_t, std_t)))
+            cache.store(indices, views, _teacher_entries(teacher, normalize(batch_images, mean_t, std_t),
+                                                         with_feature=cache.feature_width > 0))
             computed += int(todo.sum())
         if progress is not None:
             progress(int(pairs[-1]) + 1, total)

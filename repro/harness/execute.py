@@ -379,7 +379,7 @@ def cache_teachers(plan: Plan, store: RunStore, device: torch.device) -> list[tu
     """Fill the cache of every finished teacher of the plan; returns (run id, entries computed)."""
     from repro.data.teacher_cache import fill_cache
     from repro.data.pipelines import build_pipeline
-    from repro.train.teacher_cache_open import open_teacher_cache
+    from repro.train.teacher_cache_open import cache_last_feature, open_teacher_cache
 
     done = []
     for run_id in teacher_runs(plan):
@@ -392,8 +392,9 @@ def cache_teachers(plan: Plan, store: RunStore, device: torch.device) -> list[tu
         data = build_pipeline(recipe, 0, device)
         if data.dataset is None:
             raise ReproError(f"pipeline {recipe.pipeline!r} has no discrete views: its teacher outputs cannot be cached")
+        last = cache_last_feature(recipe, model, data.image_size, device)
         cache = open_teacher_cache(store.root, weights_key, recipe, data.dataset,
-                                   students[0].config["model"]["num_classes"])
+                                   students[0].config["model"]["num_classes"], feature_width=last.width)
         bar = tqdm(total=len(data.dataset) * 162, desc=f"cache {run_id[:8]}", unit="view", mininterval=1.0)
         computed = fill_cache(cache, model, data.dataset, recipe.normalization.mean, recipe.normalization.std, device,
                               progress=lambda n, total: bar.update(n - bar.n))

@@ -46,6 +46,7 @@ LEGACY_IDENTITY: dict[tuple[str, ...], tuple[Any, Any]] = {
     ("recipe", "deterministic"): ("warn", True),
     ("recipe", "tf32"): (False, _ABSENT),
     ("recipe", "precise_bn_batches"): (None, _ABSENT),
+    ("recipe", "teacher_cache_features"): (False, _ABSENT),
 }
 
 

@@ -30,7 +30,7 @@ class Outputs:
     logits: Tensor
     feats: Optional[list[Tensor]] = None
     teacher_logits: Optional[Tensor] = None
-    teacher_feats: Optional[list[Tensor]] = None
+    teacher_feats: Optional[list[Optional[Tensor]]] = None  # None in places the teacher cache does not hold
 
 
 @dataclass
@@ -96,6 +96,10 @@ class LossTerm(nn.Module):
     # (SSTA's attention term) needs the model without asking the Distiller for its outputs.
     needs_teacher_model: ClassVar[Optional[bool]] = None
     features: ClassVar[Optional[str]] = None  # None, "feat" (post-activation) or "preact"
+    # Which teacher features the term reads: "all" (any place of ``out.teacher_feats``) or "last" (only
+    # ``out.teacher_feats[-1]``, the pooled penultimate vector). The teacher-output cache can hold that one
+    # (``TrainRecipe.teacher_cache_features``); it then hands the term None in every other place.
+    reads_teacher_features: ClassVar[str] = "all"
     domains: ClassVar[dict[str, Domain]] = {}
 
     @classmethod
@@ -148,7 +152,7 @@ class LossTerm(nn.Module):
 
 LOSS_TERMS: Registry[type[LossTerm]] = Registry("loss term", package="repro.methods")
 
-TeacherFn = Callable[[Batch, bool, bool], tuple[Tensor, Optional[list[Tensor]]]]
+TeacherFn = Callable[[Batch, bool, bool], tuple[Tensor, Optional[list[Optional[Tensor]]]]]
 
 
 def forward_model(model: nn.Module, images: Tensor, feats: bool, preact: bool) -> tuple[Tensor, Optional[list[Tensor]]]:

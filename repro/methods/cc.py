@@ -15,6 +15,7 @@ from repro.methods.crd import last_feature_dims
 @LOSS_TERMS.register("cc")
 class CC(LossTerm):
     features = "feat"
+    reads_teacher_features = "last"  # teacher_feats[-1] only
     domains = {"feat_dim": POSITIVE_INT}
 
     def __init__(self, ctx: TermContext, feat_dim: int = 128) -> None:

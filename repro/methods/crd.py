@@ -26,6 +26,7 @@ def last_feature_dims(ctx: TermContext, term: str) -> tuple[int, int]:
 @LOSS_TERMS.register("crd")
 class CRD(LossTerm):
     features = "feat"
+    reads_teacher_features = "last"  # teacher_feats[-1] only
     domains = {"feat_dim": POSITIVE_INT, "k": POSITIVE_INT, "nce_t": POSITIVE, "nce_m": PROBABILITY,
                "mode": one_of(*CONTRAST_MODES)}
 

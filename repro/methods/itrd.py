@@ -16,6 +16,7 @@ from repro.methods.crd import last_feature_dims
 @LOSS_TERMS.register("itrd")
 class ITRD(LossTerm):
     features = "preact"
+    reads_teacher_features = "last"  # teacher_feats[-1] only
     domains = {"lambda_corr": FINITE, "lambda_mutual": FINITE, "alpha_it": POSITIVE}
 
     # Defaults: the TTM repo's CLI (train_student.py: --lambda_corr 2.0, --lambda_mutual 1.0, --alpha_it 1.5).

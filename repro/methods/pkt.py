@@ -13,6 +13,7 @@ from repro.methods.base import LOSS_TERMS, LossTerm, Outputs, TermContext
 @LOSS_TERMS.register("pkt")
 class PKT(LossTerm):
     features = "feat"
+    reads_teacher_features = "last"  # teacher_feats[-1] only
 
     def __init__(self, ctx: TermContext) -> None:
         super().__init__(ctx)

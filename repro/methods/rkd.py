@@ -14,6 +14,7 @@ from repro.methods.base import LOSS_TERMS, LossTerm, Outputs, TermContext
 @LOSS_TERMS.register("rkd")
 class RKD(LossTerm):
     features = "feat"
+    reads_teacher_features = "last"  # teacher_feats[-1] only
     domains = {"distance_weight": NONNEGATIVE, "angle_weight": NONNEGATIVE}
 
     # Defaults: RepDistiller distiller_zoo/RKD.py RKDLoss(w_d=25, w_a=50), as train_student.py builds it.

@@ -79,6 +79,9 @@ class TrainRecipe(Strict):
     compile: bool = False
     teacher_cache: bool = False
     teacher_cache_dtype: Literal["float16", "float32"] = "float16"  # float16: ~1.6 GB for CIFAR-100's 162 views
+    # The cache also holds the teacher's last (pooled) feature, so the terms that read only it (CRD, ITRD, RKD, PKT,
+    # CC) use the cache too. Sized for small data: CIFAR-100 with a 512-wide feature would be ~10 GB.
+    teacher_cache_features: bool = False
     # strict: a kernel without a deterministic implementation is an error; warn: it runs and is recorded as a
     # deviation; off: any algorithm (cuDNN autotuning). ``true`` (the earlier spelling) means warn.
     deterministic: Literal["strict", "warn", "off"] = "warn"

@@ -40,6 +40,7 @@ from repro.data.pipelines import build_pipeline
 from repro.core.env import environment
 from repro.train.config import TrainRecipe
 from repro.train.precise_bn import batchnorm_layers, recalibrate_batchnorm
+from repro.train.teacher_cache_open import LastFeature, cache_last_feature, open_teacher_cache
 
 
 class RunFiles(Protocol):
@@ -312,7 +313,7 @@ class Trainer:
             params = dict(params)
             weight = params.pop("weight", 1.0)
             terms[name] = (weight, get_term(name)(ctx, **params).to(self.device))
-        teacher_fn, cache_note = self._teacher_fn(terms)
+        teacher_fn, cache_note = self._teacher_fn(terms, ctx)
         if cache_note:
             self.deviations.append(cache_note)
         self.distiller = Distiller(student, self.resolved.teacher, terms, teacher_fn=teacher_fn)
@@ -388,31 +389,51 @@ class Trainer:
             setattr(ctx, f"{side}_feat_dims", [int(f.shape[1]) for f in feats or []])
             setattr(ctx, f"{side}_feat_shapes", [tuple(int(d) for d in f.shape[1:]) for f in feats or []])
 
-    def _teacher_fn(self, terms: dict[str, tuple[float, Any]]) -> tuple[Optional[TeacherFn], Optional[str]]:
+    def _teacher_fn(self, terms: dict[str, tuple[float, Any]],
+                    ctx: TermContext) -> tuple[Optional[TeacherFn], Optional[str]]:
         """The teacher-output cache's lookup when the run can use it, and the stamp saying what actually ran."""
         if not self.recipe.teacher_cache:
             return None, None
         reason = self._cache_unused_reason(terms)
+        last = LastFeature(0, False)
+        if reason is None:
+            last = cache_last_feature(self.recipe, self.resolved.teacher, self.data.image_size, self.device)
+            reason = self._feature_cache_unused_reason(terms, last)
         if reason:
             return None, f"teacher_cache requested but not used ({reason})"
         from repro.data.teacher_cache import cached_teacher_fn
-        from repro.train.teacher_cache_open import open_teacher_cache
 
         cache = open_teacher_cache(self.store.root, self.resolved.teacher_key, self.recipe, self.data.dataset,
-                                   self.config["model"]["num_classes"])
-        note = f"teacher logits from the exact teacher-output cache ({self.recipe.teacher_cache_dtype})"
-        return cached_teacher_fn(cache, self.resolved.teacher, self.device), note
+                                   self.config["model"]["num_classes"], feature_width=last.width)
+        served = "logits and last feature" if any(term.features for _, term in terms.values()) else "logits"
+        note = f"teacher {served} from the exact teacher-output cache ({self.recipe.teacher_cache_dtype})"
+        return cached_teacher_fn(cache, self.resolved.teacher, self.device, num_features=len(ctx.teacher_feat_dims),
+                                 serves_preact=last.same_in_preact), note
 
     def _cache_unused_reason(self, terms: dict[str, tuple[float, Any]]) -> Optional[str]:
         if self.resolved.teacher is None:
             return "the run has no teacher"
-        feature_terms = sorted(name for name, (_, term) in terms.items() if term.features)
-        if feature_terms:  # the cache holds logits only
-            return f"{', '.join(feature_terms)} read the teacher's features, so the teacher ran live"
         if not any(term.needs_teacher for _, term in terms.values()):
             return "no loss term reads the teacher's outputs"
         if not self.data.views:
             return f"pipeline {self.recipe.pipeline!r} has no discrete augmentation views; the teacher ran live"
+        return None
+
+    def _feature_cache_unused_reason(self, terms: dict[str, tuple[float, Any]], last: LastFeature) -> Optional[str]:
+        """Why the cache cannot serve the run's feature terms (None when it can, or when there are none)."""
+        feature_terms = {name: term for name, (_, term) in terms.items() if term.features}
+        if not feature_terms:
+            return None
+        names = ", ".join(sorted(feature_terms))
+        if not self.recipe.teacher_cache_features:  # the cache holds logits only
+            return f"{names} read the teacher's features, so the teacher ran live"
+        if any(term.reads_teacher_features != "last" for term in feature_terms.values()):
+            return f"{names} read teacher features other than the last one, so the teacher ran live"
+        if not last.width:
+            return f"{names} read the teacher's last feature, which is not a vector, so the teacher ran live"
+        if any(term.features == "preact" for term in feature_terms.values()) and not last.same_in_preact:
+            return (f"{names} read the teacher's pre-activation last feature, which differs from the cached "
+                    f"post-activation one, so the teacher ran live")
         return None
 
     # -- initialisation stage (RepDistiller helper/pretrain.py) --------------------------------------------------
