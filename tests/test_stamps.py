@@ -108,8 +108,9 @@ def test_teacher_cache_stamps_what_ran_and_a_float32_prefill_is_the_file_trainin
 
 def test_feature_cache_serves_the_last_feature_terms_from_the_prefilled_file_and_says_so(tmp_path, workdirs):
     methods = {**KD_AND_CRD, "ITRD": {"losses": {"ce": 1.0, "itrd": 1.0}},
-               "FitNet": {"losses": {"ce": 1.0, "fitnet": {"weight": 100, "hint_layer": 2}}}}
-    keys, (kd, crd, itrd, fitnet) = prefilled_cache_stamps(tmp_path, workdirs, {"teacher_cache_features": True},
+               "FitNet": {"losses": {"ce": 1.0, "fitnet": {"weight": 100, "hint_layer": 2}}},
+               "CRD+AT": {"losses": {"ce": 1.0, "crd": {"weight": 0.8, "k": 8}, "at": {"weight": 1000, "p": 2}}}}
+    keys, (kd, crd, itrd, fitnet, crd_at) = prefilled_cache_stamps(tmp_path, workdirs, {"teacher_cache_features": True},
                                                            methods)
     assert keys["feature_width"] == 64  # resnet8's pooled feature
     assert "teacher logits from the exact teacher-output cache (float32)" in kd
@@ -117,6 +118,9 @@ def test_feature_cache_serves_the_last_feature_terms_from_the_prefilled_file_and
         assert "teacher logits and last feature from the exact teacher-output cache (float32)" in stamps
     assert ("teacher_cache requested but not used (fitnet read teacher features other than the last one, so the "
             "teacher ran live)") in fitnet
+    # a mixed run names the term that keeps the teacher live, not every feature term
+    assert ("teacher_cache requested but not used (at read teacher features other than the last one, so the "
+            "teacher ran live)") in crd_at
 
 
 def test_ssta_result_json_holds_the_head_selection(tmp_path, monkeypatch):

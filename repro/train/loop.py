@@ -424,15 +424,18 @@ class Trainer:
         feature_terms = {name: term for name, (_, term) in terms.items() if term.features}
         if not feature_terms:
             return None
-        names = ", ".join(sorted(feature_terms))
+        def named(keep: Callable[[Any], bool]) -> str:  # the terms the reason is about, not every feature term
+            return ", ".join(sorted(name for name, term in feature_terms.items() if keep(term)))
+
         if not self.recipe.teacher_cache_features:  # the cache holds logits only
-            return f"{names} read the teacher's features, so the teacher ran live"
-        if any(term.reads_teacher_features != "last" for term in feature_terms.values()):
-            return f"{names} read teacher features other than the last one, so the teacher ran live"
+            return f"{named(lambda t: True)} read the teacher's features, so the teacher ran live"
+        if beyond_last := named(lambda t: t.reads_teacher_features != "last"):
+            return f"{beyond_last} read teacher features other than the last one, so the teacher ran live"
         if not last.width:
-            return f"{names} read the teacher's last feature, which is not a vector, so the teacher ran live"
-        if any(term.features == "preact" for term in feature_terms.values()) and not last.same_in_preact:
-            return (f"{names} read the teacher's pre-activation last feature, which differs from the cached "
+            return (f"{named(lambda t: True)} read the teacher's last feature, which is not a vector, so the "
+                    f"teacher ran live")
+        if (preact := named(lambda t: t.features == "preact")) and not last.same_in_preact:
+            return (f"{preact} read the teacher's pre-activation last feature, which differs from the cached "
                     f"post-activation one, so the teacher ran live")
         return None
 
