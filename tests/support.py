@@ -59,9 +59,11 @@ def non_finite_term(at_step: int, value: float) -> type:
     return NonFiniteAt
 
 
-def tiny_kd_trainer(runs: Any, run_id: str, losses: dict | None = None, teacher_cache: bool = False) -> Any:
-    """A Trainer for the KD student of tests/specs/tiny.yaml (its losses replaced by ``losses`` when given), with
-    a randomly initialised teacher (seed 5) in place of the trained one, storing into ``runs``."""
+def tiny_kd_trainer(runs: Any, run_id: str, losses: dict | None = None, teacher_cache: bool = False,
+                    recipe: dict | None = None) -> Any:
+    """A Trainer for the KD student of tests/specs/tiny.yaml (its losses replaced by ``losses`` when given, its
+    recipe updated with ``recipe``), with a randomly initialised teacher (seed 5) in place of the trained one,
+    storing into ``runs``."""
     import copy
 
     from repro.harness.plan import make_plan
@@ -78,6 +80,7 @@ def tiny_kd_trainer(runs: Any, run_id: str, losses: dict | None = None, teacher_
     if losses is not None:
         config["losses"] = losses
     config["recipe"]["teacher_cache"] = teacher_cache
+    config["recipe"].update(recipe or {})
     teacher_cfg = plan.runs[config["teacher"]["run"]].config["model"]
     torch.manual_seed(5)
     teacher = create_model(teacher_cfg["arch"], num_classes=teacher_cfg["num_classes"]).eval()

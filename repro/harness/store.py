@@ -47,6 +47,7 @@ LEGACY_IDENTITY: dict[tuple[str, ...], tuple[Any, Any]] = {
     ("recipe", "tf32"): (False, _ABSENT),
     ("recipe", "precise_bn_batches"): (None, _ABSENT),
     ("recipe", "teacher_cache_features"): (False, _ABSENT),
+    ("recipe", "eval_every_epoch"): (True, _ABSENT),
 }
 
 

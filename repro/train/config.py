@@ -91,6 +91,10 @@ class TrainRecipe(Strict):
     # Smoke tier only: re-estimate BatchNorm statistics from this many training batches before each evaluation
     # (repro.train.precise_bn); a few dozen steps leave the running averages far behind the weights.
     precise_bn_batches: Optional[PositiveInt] = None
+    # False: evaluate (and re-estimate BatchNorm) after the last epoch only. Evaluation never changes training
+    # (eval mode, no gradients, the views come from per-epoch generators), so the last epoch's numbers are the same;
+    # "best" is then the last. For tiers of a few steps, where an evaluation costs a sixth of an epoch.
+    eval_every_epoch: bool = True
 
     @field_validator("deterministic", mode="before")
     @classmethod

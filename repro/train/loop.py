@@ -335,6 +335,8 @@ class Trainer:
         if recipe.precise_bn_batches:
             self.deviations.append(f"BatchNorm statistics re-estimated from {recipe.precise_bn_batches} training "
                                    f"batches before each evaluation (precise BN)")
+        if not recipe.eval_every_epoch and recipe.epochs > 1:
+            self.deviations.append("evaluated after the last epoch only (its best epoch is the last)")
 
     def _learning_rate(self) -> float:
         """The recipe's lr at the recipe's global batch; a rescaled global batch scales it linearly (unless the
@@ -619,9 +621,7 @@ class Trainer:
             epoch_seconds = time.perf_counter() - t0
             train_seconds += epoch_seconds
             images_seen += n_images
-            if self.recipe.precise_bn_batches:
-                self._recalibrate_batchnorm(epoch)
-            scores = evaluate(self.student, self.test_loader, self._autocast, sharded=self.test_sharded)
+            scores = self._evaluate_epoch(epoch, last=epoch == epochs)
             means = {k: v / max(n_images, 1) for k, v in sums.items()}
             row = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
                    **{f"loss_{k}": v for k, v in means.items() if k not in NOT_LOSSES},
@@ -630,7 +630,7 @@ class Trainer:
                    "test_images": scores["images"], "images_per_s": n_images / epoch_seconds if epoch_seconds else None,
                    "wall_time_s": time.perf_counter() - t0}
             history.append(row)
-            if scores["top1"] > best["top1"]:
+            if scores["top1"] is not None and scores["top1"] > best["top1"]:
                 best = {"top1": scores["top1"], "top5": scores["top5"], "epoch": epoch}
             if epoch < epochs:
                 self._save_checkpoint(epoch, best, history)
@@ -642,6 +642,15 @@ class Trainer:
                 self._write_metrics(history)
             log.log(row)
         return history, best, images_seen, train_seconds
+
+    def _evaluate_epoch(self, epoch: int, last: bool) -> dict[str, Any]:
+        """Test top-1/top-5 after ``epoch`` (precise BN first where the recipe asks); None for an epoch the recipe
+        does not evaluate (``eval_every_epoch: false``: the last one only)."""
+        if not (self.recipe.eval_every_epoch or last):
+            return {"top1": None, "top5": None, "images": None}
+        if self.recipe.precise_bn_batches:
+            self._recalibrate_batchnorm(epoch)
+        return evaluate(self.student, self.test_loader, self._autocast, sharded=self.test_sharded)
 
     def _recalibrate_batchnorm(self, epoch: int) -> None:
         """Precise BN over this epoch's first training batches (the same views on every resume); under DDP each
