@@ -2,10 +2,14 @@
 weights, losses and last-epoch numbers as evaluating (with precise BN) after every epoch."""
 from __future__ import annotations
 
-import json
+import copy
 
+import pytest
 import torch
 
+from repro.harness.cost import CostModel, dataset_sizes
+from repro.harness.plan import make_plan
+from repro.harness.spec import load_spec
 from repro.harness.store import RunStore, run_id_of
 from tests.support import tiny_kd_trainer
 
@@ -16,8 +20,7 @@ def _train(runs, **recipe):
     trainer = tiny_kd_trainer(runs, "r", recipe={**EVERY, **recipe})
     result = trainer.run()
     store = RunStore(runs)
-    history = [json.loads(line) for line in (store.run_dir("r") / "metrics.jsonl").read_text().splitlines()]
-    return result, history, torch.load(store.model_path("r"), weights_only=True), trainer.deviations
+    return result, store.metrics("r"), torch.load(store.model_path("r"), weights_only=True), trainer.deviations
 
 
 def test_last_epoch_only_trains_the_same_model(tmp_path):
@@ -40,3 +43,16 @@ def test_default_keeps_run_ids():
     legacy = {"kind": "train", "recipe": {"epochs": 2}}
     assert run_id_of(config) == run_id_of(legacy)
     assert run_id_of({**config, "recipe": {"epochs": 2, "eval_every_epoch": False}}) != run_id_of(legacy)
+
+
+def test_the_cost_estimate_counts_only_the_evaluations_made(workdirs, monkeypatch):
+    plan = make_plan(load_spec("wttm/cifar100-table1"), "smoke")
+    model = CostModel(RunStore(workdirs["runs"]), torch.device("cpu"))
+    monkeypatch.setattr(model, "images_per_s", lambda *args: 1000.0)
+    run = next(r for r in plan.ordered() if r.config["recipe"]["epochs"] == 2 and r.config.get("teacher"))
+    train, test = dataset_sizes(run.config["recipe"])
+    every = copy.deepcopy(run)
+    every.config["recipe"]["eval_every_epoch"] = True
+    assert run.config["recipe"]["eval_every_epoch"] is False  # the smoke tier's
+    assert model.estimate_seconds(plan, run) == pytest.approx((2 * train + test / 3) / 1000.0)
+    assert model.estimate_seconds(plan, every) == pytest.approx((2 * train + 2 * test / 3) / 1000.0)

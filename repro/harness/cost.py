@@ -175,11 +175,12 @@ class CostModel:
         if run.config["kind"] == "eval":
             return 3 * test / self.images_per_s(model, None, recipe)
         rate = self.images_per_s(model, self._teacher_model(plan, run), recipe)
-        # Evaluation costs about a third of a training step per image; an initialisation stage (AB, FT, FSP)
-        # adds its epochs of training without evaluation.
+        # Evaluation costs about a third of a training step per image, after every epoch or only the last
+        # (eval_every_epoch); an initialisation stage (AB, FT, FSP) adds its epochs of training without evaluation.
         init_epochs = max((get_term(name).planned_init_epochs(params)
                            for name, params in run.config.get("losses", {}).items()), default=0)
-        return (recipe["epochs"] * (train + test / 3) + init_epochs * train) / rate
+        evaluations = recipe["epochs"] if recipe.get("eval_every_epoch", True) else 1
+        return (recipe["epochs"] * train + evaluations * test / 3 + init_epochs * train) / rate
 
 
 def format_duration(seconds: float) -> str:
